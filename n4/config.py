@@ -120,7 +120,7 @@ class ModelConfig:
         import variants
 
         variants.ATTENTION.check_options(self.attention, self.attention_options, fixed=("config",))
-        variants.MLP.check_options(self.mlp, self.mlp_options, fixed=("hidden_size", "inter_size"))
+        variants.MLP.check_options(self.mlp, self.mlp_options, fixed=("hidden_size", "inter_size", "bias"))
         variants.NORM.check_options(self.norm, self.norm_options, fixed=("dim",))
         variants.POSITION[self.position]  # raises UnknownVariantError listing the valid names
 

@@ -3,10 +3,12 @@
 A registry maps a variant name (a string used in configs, run names and tables) to a builder that
 returns an ``nn.Module``. Builders of one registry share one signature:
 
-    ATTENTION[name](config: ModelConfig)          -> module, forward(x: (B, T, C)) -> (B, T, C)
-    MLP[name](hidden_size, inter_size, **options) -> module, forward(x: (B, T, C)) -> (B, T, C)
-    NORM[name](dim, **options)                    -> module, forward(x: (..., dim)) -> (..., dim)
-    POSITION[name](head_dim, max_seq_len, theta)  -> module, forward(q, k, positions) -> (q, k)
+    ATTENTION[name](config: ModelConfig, **options)     -> module, forward(x: (B, T, C)) -> (B, T, C)
+    MLP[name](hidden_size, inter_size, bias, **options) -> module, forward(x: (B, T, C)) -> (B, T, C)
+    NORM[name](dim, **options)                          -> module, forward(x: (..., dim)) -> (..., dim)
+    POSITION[name](head_dim, max_seq_len, theta)        -> module, forward(q, k, offset=0) -> (q, k)
+
+``options`` come from ``ModelConfig.attention_options``, ``mlp_options`` and ``norm_options``.
 
 A new variant is one class in one file of this package, decorated with ``@ATTENTION.register("name")``
 (or MLP, NORM, POSITION); ``variants/__init__.py`` imports every module of the package, so no other
