@@ -1,0 +1,270 @@
+"""The training loop of one run: AdamW, warm-up then cosine decay, clipping, accumulation, evaluation.
+
+Shapes: B micro-batch size, T sequence length, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from experiments.config import TrainConfig
+from n4.config import ModelConfig
+from n4.model import CausalLM
+
+logger = logging.getLogger(__name__)
+
+# Called with (step, {metric name: value}) at every log and evaluation point.
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished" or "failed"
+    failure_reason: str = ""
+    failed_step: int | None = None
+    steps_done: int = 0
+    params: int = 0
+    non_embedding_params: int = 0
+    flops_per_token: float = 0.0
+    final_val_loss: float = math.nan
+    initial_val_loss: float = math.nan
+    tokens_per_s: float = math.nan
+    mfu: float = math.nan
+    peak_mem_mb: float = math.nan
+    wall_s: float = 0.0
+    data_fingerprint: str = ""
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"loss became {value} at step {step}")
+        self.step = step
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
+    return device
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Return the learning-rate multiplier after ``step`` optimizer steps (0-based).
+
+    Linear warm-up from 1/warmup_steps to 1 over ``warmup_steps``, then cosine decay to
+    ``min_lr_ratio`` at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; norms' gains, scalars and biases are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
+
+
+class PeakMemory:
+    """Peak memory of one run in MiB: CUDA's allocator peak, or the process's peak RSS on CPU.
+
+    On Linux, writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM), so each run of a
+    grid measures its own peak; elsewhere the CPU figure is the peak of the whole process so far.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+
+    def read_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def evaluate(model: CausalLM, windows: torch.Tensor, batch_size: int, device: torch.device, autocast) -> float:
+    """Return the mean next-token loss over the fixed validation windows (N, T + 1)."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device, non_blocking=True)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with autocast():
+            logits = model(inputs)  # (B, T, V) float32
+        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
+        count += targets.numel()
+    model.train()
+    return (total / count).item()
+
+
+def train_run(
+    model_config: ModelConfig,
+    train: TrainConfig,
+    batches,
+    val_windows: torch.Tensor,
+    seed: int,
+    on_metrics: MetricsCallback | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> RunResult:
+    """Train one model and return its result; a non-finite loss ends the run as failed.
+
+    ``batches.batch(i)`` returns the i-th micro-batch (B, T + 1) of the shared data order, so
+    every run of an ablation sees the same tokens in the same order. ``seed`` only initialises
+    the model (and dropout).
+    """
+    on_metrics = on_metrics or (lambda step, metrics: None)
+    device = resolve_device(train.device)
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    autocast_dtype = torch.bfloat16 if train.dtype == "bfloat16" else None
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+    # Model and optimizer; the seed fixes the initial weights and nothing else.
+    torch.manual_seed(seed)
+    model = CausalLM(model_config).to(device)
+    optimizer = build_optimizer(model, train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, train.warmup_steps, train.steps, train.min_lr_ratio)
+    )
+    result = RunResult(
+        status="finished",
+        params=model.num_parameters(),
+        non_embedding_params=model.num_parameters(exclude_embeddings=True),
+        flops_per_token=float(model.flops_per_token(train.seq_len)),
+    )
+    memory = PeakMemory(device)
+    fingerprint = hashlib.sha256(val_windows.numpy().tobytes())
+    tokens_per_step = train.tokens_per_step
+
+    # Step 0: the loss of the untrained model, so every curve starts from the same point.
+    start_time = time.perf_counter()
+    val_loss = evaluate(model, val_windows, train.eval_batch_size, device, autocast)
+    result.initial_val_loss = val_loss
+    result.val_history.append((0, val_loss))
+    on_metrics(0, {"val/loss": val_loss})
+
+    train_time = 0.0
+    window_time = 0.0
+    window_tokens = 0
+    pending_losses: list[torch.Tensor] = []
+    pending_first_step = 1
+    model.train()
+    try:
+        for step in range(1, train.steps + 1):
+            step_start = time.perf_counter()
+
+            # Forward and backward over the micro-batches. Each micro-batch's summed loss is
+            # divided by the tokens of the whole step, so the gradient is the token mean over
+            # the step rather than a mean of micro-batch means.
+            step_loss = torch.zeros((), device=device)
+            for micro in range(train.grad_accum):
+                batch = batches.batch((step - 1) * train.grad_accum + micro)
+                fingerprint.update(batch.numpy().tobytes())
+                batch = batch.to(device, non_blocking=True)
+                inputs, targets = batch[:, :-1], batch[:, 1:]
+                with autocast():
+                    logits = model(inputs)  # (B, T, V) float32
+                loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+                (loss_sum / tokens_per_step).backward()
+                step_loss += loss_sum.detach() / tokens_per_step
+
+            # Clip, step, schedule.
+            lr = optimizer.param_groups[0]["lr"]
+            if train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            pending_losses.append(step_loss)
+            elapsed = time.perf_counter() - step_start
+            train_time += elapsed
+            window_time += elapsed
+            window_tokens += tokens_per_step
+            result.steps_done = step
+
+            # Log at step 1, every log_interval steps and at the end. Losses stay on the device
+            # between log points, so the loop does not wait for the device on every step.
+            is_eval = step % train.eval_interval == 0 or step == train.steps
+            if step == 1 or step % train.log_interval == 0 or is_eval:
+                values = torch.stack(pending_losses).tolist()
+                for offset, value in enumerate(values):
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(pending_first_step + offset, value)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                window_time += time.perf_counter() - step_start - elapsed
+                metrics = {
+                    "train/loss": values[-1],
+                    "lr": lr,
+                    "tokens_per_s": window_tokens / max(window_time, 1e-9),
+                }
+                on_metrics(step, metrics)
+                if progress:
+                    progress(step, values[-1])
+                pending_losses.clear()
+                pending_first_step = step + 1
+                window_time = 0.0
+                window_tokens = 0
+
+            if is_eval:
+                val_loss = evaluate(model, val_windows, train.eval_batch_size, device, autocast)
+                if not math.isfinite(val_loss):
+                    raise NonFiniteLossError(step, val_loss)
+                result.val_history.append((step, val_loss))
+                on_metrics(step, {"val/loss": val_loss})
+    except NonFiniteLossError as error:
+        result.status = "failed"
+        result.failed_step = error.step
+        result.failure_reason = str(error)
+        logger.warning("run failed: %s", error)
+
+    result.wall_s = time.perf_counter() - start_time
+    result.final_val_loss = result.val_history[-1][1] if result.status == "finished" else math.nan
+    trained_tokens = result.steps_done * tokens_per_step
+    result.tokens_per_s = trained_tokens / train_time if train_time > 0 else math.nan
+    if train.peak_flops:
+        result.mfu = result.tokens_per_s * result.flops_per_token / train.peak_flops
+    result.peak_mem_mb = memory.read_mb()
+    result.data_fingerprint = fingerprint.hexdigest()[:16]
+    return result
