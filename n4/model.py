@@ -1,0 +1,141 @@
+"""The decoder-only language model shared by every ablation variant.
+
+Shapes:
+    B  batch size        T  sequence length        C  hidden size        V  vocabulary size
+
+A model is: token embedding -> L decoder blocks -> lm_head (untied, no bias), with no final norm,
+as in N4. The attention, MLP and norm of every block come from the registries in ``variants``,
+selected by name in the ``ModelConfig``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from n4.config import ModelConfig
+
+# Label value that the loss skips (PyTorch's cross-entropy default).
+IGNORE_INDEX = -100
+
+
+# ``variants`` is imported inside the builders because it imports the N4 layers in this package.
+def build_attention(config: ModelConfig) -> nn.Module:
+    import variants
+
+    return variants.ATTENTION[config.attention](config, **config.attention_options)
+
+
+def build_mlp(config: ModelConfig) -> nn.Module:
+    import variants
+
+    return variants.MLP[config.mlp](config.hidden_size, config.inter_size, bias=config.bias, **config.mlp_options)
+
+
+def build_norm(config: ModelConfig) -> nn.Module:
+    import variants
+
+    return variants.NORM[config.norm](config.hidden_size, **config.norm_options)
+
+
+class DecoderBlock(nn.Module):
+    """Decoder block with "sandwich" norms around both sub-layers (as in Gemma 2):
+
+        h = x + post_attn_norm(attention(pre_attn_norm(x)))
+        y = h + post_mlp_norm(mlp(pre_mlp_norm(h)))
+
+    Residual dropout (config.dropout) applies to each branch just before it is added.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # Submodule order follows the published checkpoint: attention, mlp, then the four norms.
+        self.attention = build_attention(config)
+        self.mlp = build_mlp(config)
+        self.pre_attn_norm = build_norm(config)
+        self.post_attn_norm = build_norm(config)
+        self.pre_mlp_norm = build_norm(config)
+        self.post_mlp_norm = build_norm(config)
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Attention sub-layer.
+        h = x + self.residual_dropout(self.post_attn_norm(self.attention(self.pre_attn_norm(x))))  # (B, T, C)
+
+        # MLP sub-layer.
+        return h + self.residual_dropout(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h))))  # (B, T, C)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model: embedding -> blocks -> lm_head, float32 logits.
+
+    ``forward(input_ids)`` returns logits (B, T, V), and ``forward(input_ids, labels)`` returns
+    ``(logits, loss)``. The loss is the mean next-token cross-entropy of the logits at t against
+    the labels at t + 1, skipping labels equal to -100.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.layers))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
+            )
+
+        # Token embedding. Position information, if any, comes from the attention variant.
+        x = self.embedding(input_ids)  # (B, T, C)
+
+        # Decoder blocks.
+        for block in self.blocks:
+            x = block(x)
+
+        # Vocabulary projection with no final norm, cast to float32 for an accurate softmax.
+        logits = self.lm_head(x).float()  # (B, T, V)
+        if labels is None:
+            return logits
+
+        # Next-token loss: the logits at t predict the token at t + 1.
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+        return logits, loss
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Count the parameters, buffers excluded.
+
+        ``exclude_embeddings`` leaves out the embedding and lm_head, the convention behind N4's
+        "127M parameters" (about 178M in all).
+        """
+        excluded: set[int] = set()
+        if exclude_embeddings:
+            excluded = {id(p) for p in (*self.embedding.parameters(), *self.lm_head.parameters())}
+        return sum(p.numel() for p in self.parameters() if id(p) not in excluded)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Estimate the training FLOPs (forward and backward) per token at sequence length ``seq_len``.
+
+        Uses the formula of PaLM (Chowdhery et al., arXiv 2204.02311, appendix B):
+        6 * N + 12 * L * T * C. N counts the weights of every matmul, lm_head included and the
+        embedding lookup excluded, taken here as every parameter with two or more dimensions outside
+        nn.Embedding modules. The second term covers the attention scores and the weighted sum of
+        values. The estimate ignores element-wise work (norms, activations, N4's key running sum)
+        and the work that the causal mask saves.
+        """
+        embedding_ids = {
+            id(p) for module in self.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
+        }
+        matmul_parameters = sum(p.numel() for p in self.parameters() if p.ndim >= 2 and id(p) not in embedding_ids)
+        config = self.config
+        return 6 * matmul_parameters + 12 * config.layers * seq_len * config.hidden_size
