@@ -327,11 +327,13 @@ def validate(config: AblationConfig) -> None:
             registries[axis][value]  # raises UnknownVariantError with the valid names
         if len(set(values)) != len(values):
             raise ValueError(f"axes.{axis}={values!r} repeats a name")
+    # Arguments that the model passes itself, so they are not options.
+    builder_arguments = {"attention": ("config",), "mlp": ("hidden_size", "inter_size", "bias"), "norm": ("dim",)}
     for axis, per_name in config.options.items():
         for variant, opts in per_name.items():
-            registries[axis][variant]
             if not isinstance(opts, dict):
                 raise ValueError(f"options.{axis}.{variant} must be a mapping of option to value, got {opts!r}")
+            registries[axis].check_options(variant, opts, fixed=builder_arguments[axis])
 
     train = config.train
     positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_interval", "eval_windows", "eval_batch_size", "log_interval")

@@ -114,14 +114,28 @@ def model_config_for(config: AblationConfig, cell: dict[str, str], vocab_size: i
     )
 
 
+def check_builds(model: ModelConfig) -> None:
+    """Build the model on the meta device (no memory, no initialisation) to surface errors early."""
+    from n4.model import CausalLM
+
+    try:
+        with torch.device("meta"):
+            CausalLM(model)
+    except (TypeError, ValueError) as error:
+        variant = f"attention={model.attention} mlp={model.mlp} norm={model.norm} position={model.position}"
+        raise ValueError(f"cannot build {variant}: {error}") from error
+
+
 def build_plan(config: AblationConfig, grid: bool, vocab_size: int) -> list[RunSpec]:
     """Return every run of the ablation, variants in plan order and seeds inside each variant.
 
-    Building each ModelConfig validates it, so an invalid combination fails here, before training.
+    Each variant's ModelConfig is validated and its model built once on the meta device, so an
+    invalid combination or option value fails here, before any data is loaded or any run starts.
     """
     runs = []
     for cell in variant_cells(config, grid):
         model = model_config_for(config, cell, vocab_size)
+        check_builds(model)
         variant = tuple((axis, cell[axis]) for axis in AXES)
         is_baseline = cell == {axis: config.baseline[axis] for axis in AXES}
         for seed in config.seeds:

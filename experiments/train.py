@@ -23,6 +23,8 @@ from n4.model import CausalLM
 
 logger = logging.getLogger(__name__)
 
+IGNORE_INDEX = -100  # a target with this id contributes neither loss nor token count
+
 # Called with (step, {metric name: value}) at every log and evaluation point.
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
@@ -124,11 +126,13 @@ def evaluate(model: CausalLM, windows: torch.Tensor, batch_size: int, device: to
     count = 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device, non_blocking=True)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        inputs, targets = batch[:, :-1].clamp(min=0), batch[:, 1:]
         with autocast():
             logits = model(inputs)  # (B, T, V) float32
-        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
-        count += targets.numel()
+        total += F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+        ).double()
+        count += int((targets != IGNORE_INDEX).sum())
     model.train()
     return (total / count).item()
 
@@ -194,19 +198,23 @@ def train_run(
             step_start = time.perf_counter()
 
             # Forward and backward over the micro-batches. Each micro-batch's summed loss is
-            # divided by the tokens of the whole step, so the gradient is the token mean over
-            # the step rather than a mean of micro-batch means.
+            # divided by the target tokens of the whole step (targets equal to IGNORE_INDEX, such
+            # as padding, do not count), so the gradient is the token mean over the step rather
+            # than a mean of micro-batch means.
+            micro_batches = [batches.batch((step - 1) * train.grad_accum + micro) for micro in range(train.grad_accum)]
+            step_tokens = sum(int((batch[:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches)
             step_loss = torch.zeros((), device=device)
-            for micro in range(train.grad_accum):
-                batch = batches.batch((step - 1) * train.grad_accum + micro)
+            for batch in micro_batches:
                 fingerprint.update(batch.numpy().tobytes())
                 batch = batch.to(device, non_blocking=True)
-                inputs, targets = batch[:, :-1], batch[:, 1:]
+                inputs, targets = batch[:, :-1].clamp(min=0), batch[:, 1:]
                 with autocast():
                     logits = model(inputs)  # (B, T, V) float32
-                loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-                (loss_sum / tokens_per_step).backward()
-                step_loss += loss_sum.detach() / tokens_per_step
+                loss_sum = F.cross_entropy(
+                    logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+                )
+                (loss_sum / max(step_tokens, 1)).backward()
+                step_loss += loss_sum.detach() / max(step_tokens, 1)
 
             # Clip, step, schedule.
             lr = optimizer.param_groups[0]["lr"]

@@ -1,0 +1,129 @@
+"""The runner end to end: the smoke grid on a small local corpus, MLflow runs, summary and figures."""
+
+import random
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments.runner import SUMMARY_COLUMNS, main
+
+SUBJECTS = ["the king", "a fool", "my lord", "the queen", "this night", "the ghost", "our army", "her father"]
+VERBS = ["speaks of", "remembers", "betrays", "follows", "fears", "loves", "commands", "forgets"]
+OBJECTS = ["the crown", "his brother", "the sea", "a letter", "the tower", "sweet music", "the field", "old debts"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text file of grammatical sentences, enough for the smoke preset's batches."""
+    rng = random.Random(0)
+    lines = [
+        f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+        for _ in range(6000)
+    ]
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("N4_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def run(workspace, corpus, *extra):
+    return main([
+        "--preset", "smoke", "--quiet", "--name", "smoke",
+        f"data.source={corpus}", f"results_dir={workspace / 'results'}", *extra,
+    ])
+
+
+def test_smoke_grid_end_to_end(workspace, corpus):
+    assert run(workspace, corpus, "--grid") == 0
+    out = workspace / "results" / "smoke"
+
+    # Summary: one finished row per cell of the 5 x 3 x 3 grid, every column of the contract.
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(SUMMARY_COLUMNS) <= set(summary.columns)
+    assert len(summary) == 45
+    assert (summary["status"] == "finished").all()
+    assert summary[["attention", "mlp", "norm"]].drop_duplicates().shape[0] == 45
+    assert summary["data_fingerprint"].nunique() == 1
+    assert (summary["final_val_loss"] < summary["initial_val_loss"]).all()
+    assert (summary["params"] > 0).all()
+
+    # Parameters are matched across MLPs: for a fixed attention and norm they differ by at most a
+    # few rows of the smallest matrix.
+    for _, group in summary.groupby(["attention", "norm"]):
+        assert group["params"].max() - group["params"].min() <= 3 * 32
+
+    # MLflow: one experiment, one parent run, one child per cell with params, tags and metrics.
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    assert len(children) == 45
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    child = children[0]
+    assert child.info.status == "FINISHED"
+    assert {"model.hidden_size", "train.lr", "data.seed", "seed", "model.attention"} <= set(child.data.params)
+    assert {"attention", "mlp", "norm", "position", "seed"} <= set(child.data.tags)
+    history = client.get_metric_history(child.info.run_id, "val/loss")
+    assert [point.step for point in history] == [0, 3, 6]
+    for metric in ("train/loss", "lr", "tokens_per_s"):
+        assert client.get_metric_history(child.info.run_id, metric), metric
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"config.yaml", "summary.csv", "figures"} <= artifacts
+
+    # Figures: PNG and PDF, not empty.
+    for suffix in ("png", "pdf"):
+        figure = out / "figures" / f"loss_curves.{suffix}"
+        assert figure.stat().st_size > 10_000, figure
+
+    # Rerunning the same command trains nothing new and duplicates nothing.
+    assert run(workspace, corpus, "--grid") == 0
+    assert len(pd.read_csv(out / "summary.csv")) == 45
+    runs_after = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert len(runs_after) == 46
+
+
+def test_changed_config_under_same_name_rejected(workspace, corpus, capsys):
+    assert run(workspace, corpus, "axes.attention=[n4]", "axes.mlp=[asgg]", "axes.norm=[dyt, rmsnorm]") == 0
+    summary_path = workspace / "results" / "smoke" / "summary.csv"
+    before = summary_path.read_bytes()
+    assert run(workspace, corpus, "axes.attention=[n4]", "axes.mlp=[asgg]", "axes.norm=[dyt, rmsnorm]", "train.lr=0.01") == 2
+    assert "different config" in capsys.readouterr().err
+    assert summary_path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("axes.attention=[n4, flashy]", "unknown attention 'flashy'; valid names:"),
+        ("model.kv_heads=3", "kv_heads=3 does not divide heads=2"),
+        ("model.hidden_size=33", "hidden_size=33 is not divisible by heads=2"),
+        ("model.window=0", "window=0"),
+        ("data.source=/nonexistent/corpus.txt", "/nonexistent/corpus.txt"),
+        ("train.colour=blue", "train.colour"),
+    ],
+)
+def test_bad_input_fails_before_work(workspace, corpus, capsys, override, message):
+    assert run(workspace, corpus, override) == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert not (workspace / "results" / "smoke").exists()
+    assert not (workspace / "cache").exists()
+
+
+def test_nan_run_recorded_as_failed_and_grid_goes_on(workspace, corpus):
+    code = run(workspace, corpus, "axes.attention=[n4]", "axes.mlp=[asgg]", "axes.norm=[dyt, rmsnorm]",
+               "options.norm.rmsnorm={eps: -1000.0}")
+    summary = pd.read_csv(workspace / "results" / "smoke" / "summary.csv").set_index("norm")
+    assert code == 1
+    assert summary.loc["dyt", "status"] == "finished"
+    assert summary.loc["rmsnorm", "status"] == "failed"
+    assert "step" in summary.loc["rmsnorm", "failure_reason"]
