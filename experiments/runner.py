@@ -281,7 +281,7 @@ def format_summary(summary: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow", "httpx", "datasets"):
+    for noisy in ("alembic", "mlflow", "httpx", "datasets", "fontTools", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     # Everything that can be checked without data is checked here, before any work starts.
