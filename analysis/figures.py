@@ -51,7 +51,7 @@ def _curves(runs: pd.DataFrame, history: pd.DataFrame, metric: str) -> pd.DataFr
 
 
 def _variants(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant (label) with its axis values, in the order the runs were made."""
+    """Return one row per variant (label) with its axis values, in the order the runs were made."""
     return runs.drop_duplicates("label")[["label", *AXES]].reset_index(drop=True)
 
 

@@ -122,8 +122,8 @@ class AblationConfig:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Size presets. "seed" is the published 127M-parameter N4 run (see the README); the token budget of
-# 0.5B tokens is 7630 steps of 8 x 16 x 512 tokens, since the published step count disagrees with it.
+# Size presets. "seed" is the published 127M-parameter N4 run (see the README). Its published step
+# count (976) disagrees with its token budget (0.5B), so it trains 7630 steps of 8 x 16 x 512 tokens.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "data": {"vocab_size": 512},

@@ -67,6 +67,10 @@ def _write_atomic(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
         handle.write(text)
         temporary = handle.name
+    # NamedTemporaryFile creates the file readable by its owner only; give it the usual mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     os.replace(temporary, path)
 
 
@@ -81,7 +85,7 @@ class ResultsDir:
         self.fingerprint = config.fingerprint()
 
     def check_compatible(self) -> dict[str, Any]:
-        """Return the saved state; raise if this directory holds an ablation with another config.
+        """Return the saved state; raise if this directory contains an ablation with another config.
 
         Rerunning the same config continues it (finished runs are skipped); a different config
         under the same name would mix results, so it is rejected before anything is written.
@@ -89,13 +93,13 @@ class ResultsDir:
         if not self.state_path.exists():
             if self.summary_path.exists():
                 raise ValueError(
-                    f"{self.path} holds results but no state.json; choose another --name or move that directory"
+                    f"{self.path} contains results but no state.json; choose another --name or move that directory away"
                 )
             return {}
         state = json.loads(self.state_path.read_text())
         if state.get("config_fingerprint") != self.fingerprint:
             raise ValueError(
-                f"{self.path} holds an ablation with a different config (fingerprint "
+                f"{self.path} contains an ablation with a different config (fingerprint "
                 f"{state.get('config_fingerprint')}, this one {self.fingerprint}); pass another --name, "
                 f"or move {self.path} away to start over. Nothing was changed."
             )

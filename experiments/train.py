@@ -93,7 +93,7 @@ class PeakMemory:
     """Peak memory of one run in MiB: CUDA's allocator peak, or the process's peak RSS on CPU.
 
     On Linux, writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM), so each run of a
-    grid measures its own peak; elsewhere the CPU figure is the peak of the whole process so far.
+    grid measures its own peak. Elsewhere the CPU figure is the peak of the whole process so far.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -149,7 +149,7 @@ def train_run(
     """Train one model and return its result; a non-finite loss ends the run as failed.
 
     ``batches.batch(i)`` returns the i-th micro-batch (B, T + 1) of the shared data order, so
-    every run of an ablation sees the same tokens in the same order. ``seed`` only initialises
+    every run of an ablation reads the same tokens in the same order. ``seed`` only initialises
     the model (and dropout).
     """
     on_metrics = on_metrics or (lambda step, metrics: None)
@@ -198,9 +198,9 @@ def train_run(
             step_start = time.perf_counter()
 
             # Forward and backward over the micro-batches. Each micro-batch's summed loss is
-            # divided by the target tokens of the whole step (targets equal to IGNORE_INDEX, such
-            # as padding, do not count), so the gradient is the token mean over the step rather
-            # than a mean of micro-batch means.
+            # divided by the counted target tokens of the whole step, so the gradient is the token
+            # mean over the step rather than a mean of micro-batch means. Targets equal to
+            # IGNORE_INDEX, such as padding, are not counted.
             micro_batches = [batches.batch((step - 1) * train.grad_accum + micro) for micro in range(train.grad_accum)]
             step_tokens = sum(int((batch[:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches)
             step_loss = torch.zeros((), device=device)

@@ -119,7 +119,7 @@ def test_bad_input_fails_before_work(workspace, corpus, capsys, override, messag
     assert not (workspace / "cache").exists()
 
 
-def test_nan_run_recorded_as_failed_and_grid_goes_on(workspace, corpus):
+def test_nan_run_fails_grid_continues(workspace, corpus):
     code = run(workspace, corpus, "axes.attention=[n4]", "axes.mlp=[asgg]", "axes.norm=[dyt, rmsnorm]",
                "options.norm.rmsnorm={eps: -1000.0}")
     summary = pd.read_csv(workspace / "results" / "smoke" / "summary.csv").set_index("norm")
@@ -127,3 +127,7 @@ def test_nan_run_recorded_as_failed_and_grid_goes_on(workspace, corpus):
     assert summary.loc["dyt", "status"] == "finished"
     assert summary.loc["rmsnorm", "status"] == "failed"
     assert "step" in summary.loc["rmsnorm", "failure_reason"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'results' / 'mlflow.db'}")
+    failed = client.get_run(summary.loc["rmsnorm", "mlflow_run_id"])
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["status"] == "failed"

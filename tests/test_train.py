@@ -146,3 +146,23 @@ def test_seed_changes_init_not_data():
     second = train_run(tiny_model_config(), copy.deepcopy(train), FixedBatches(windows, 4), windows[:2], seed=1)
     assert first.data_fingerprint == second.data_fingerprint
     assert first.initial_val_loss != second.initial_val_loss
+
+
+def test_bfloat16_autocast_trains_and_logs_float32_loss():
+    torch.manual_seed(2)
+    windows = torch.randint(0, VOCAB, (4, 9))
+    train = tiny_train_config(steps=20, lr=3e-2, dtype="bfloat16", eval_interval=10)
+    result = train_run(tiny_model_config(attention="n4", mlp="asgg", norm="dyt"), train, FixedBatches(windows, 4), windows, seed=0)
+    assert result.status == "finished"
+    assert result.final_val_loss < 0.7 * result.initial_val_loss
+
+
+def test_evaluation_turns_dropout_off():
+    torch.manual_seed(3)
+    model = CausalLM(tiny_model_config(dropout=0.5))
+    windows = torch.randint(0, VOCAB, (4, 9))
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    first = evaluate(model, windows, 2, torch.device("cpu"), no_autocast)
+    second = evaluate(model, windows, 2, torch.device("cpu"), no_autocast)
+    assert first == second
+    assert model.training
