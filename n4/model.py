@@ -10,10 +10,14 @@ selected by name in the ``ModelConfig``.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from n4.cache import LayerCache, ModelCache
 from n4.config import ModelConfig
 
 # Label value that the loss skips (PyTorch's cross-entropy default).
@@ -59,9 +63,12 @@ class DecoderBlock(nn.Module):
         self.post_mlp_norm = build_norm(config)
         self.residual_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Attention sub-layer.
-        h = x + self.residual_dropout(self.post_attn_norm(self.attention(self.pre_attn_norm(x))))  # (B, T, C)
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        # Attention sub-layer. The cache goes only to attentions that are asked to use one, so an
+        # attention without cache support still trains and generates without a cache.
+        normed = self.pre_attn_norm(x)
+        attended = self.attention(normed) if cache is None else self.attention(normed, cache=cache)
+        h = x + self.residual_dropout(self.post_attn_norm(attended))  # (B, T, C)
 
         # MLP sub-layer.
         return h + self.residual_dropout(self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h))))  # (B, T, C)
@@ -73,6 +80,10 @@ class CausalLM(nn.Module):
     ``forward(input_ids)`` returns logits (B, T, V), and ``forward(input_ids, labels)`` returns
     ``(logits, loss)``. The loss is the mean next-token cross-entropy of the logits at t against
     the labels at t + 1, skipping labels equal to -100.
+
+    ``forward(input_ids, cache=cache)`` with a cache from ``new_cache()`` reads input_ids as the
+    tokens that follow the ``cache.length`` tokens already processed, returns their logits and
+    appends them to the cache. ``generate`` and ``stream`` sample continuations.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -83,7 +94,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: ModelCache | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
@@ -91,13 +102,18 @@ class CausalLM(nn.Module):
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
             )
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(
+                f"the cache has {len(cache)} layers but the model has {len(self.blocks)}: "
+                f"create it with model.new_cache()"
+            )
 
         # Token embedding. Position information, if any, comes from the attention variant.
         x = self.embedding(input_ids)  # (B, T, C)
 
-        # Decoder blocks.
-        for block in self.blocks:
-            x = block(x)
+        # Decoder blocks, each with its own layer cache.
+        for index, block in enumerate(self.blocks):
+            x = block(x, cache=None if cache is None else cache[index])
 
         # Vocabulary projection with no final norm, cast to float32 for an accurate softmax.
         logits = self.lm_head(x).float()  # (B, T, V)
@@ -111,6 +127,76 @@ class CausalLM(nn.Module):
             ignore_index=IGNORE_INDEX,
         )
         return logits, loss
+
+    def new_cache(self) -> ModelCache:
+        """Return an empty cache for ``forward(..., cache=...)``, one layer cache per block.
+
+        Raises TypeError when the configured attention's forward takes no ``cache`` argument.
+        """
+        parameters = inspect.signature(self.blocks[0].attention.forward).parameters
+        if "cache" not in parameters:
+            raise TypeError(
+                f"attention {self.config.attention!r} does not support a KV cache: its forward takes no "
+                f"'cache' argument. Generate with use_cache=False, or add forward(x, cache=None) to it"
+            )
+        return ModelCache(len(self.blocks))
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Return input_ids (B, T) followed by up to ``max_new_tokens`` sampled tokens, (B, T + N).
+
+        See ``n4.generate.generate`` for the sampling rules: temperature 0 is greedy, top_k and
+        top_p filter the distribution, and a row that emits ``eos_token_id`` is padded with it
+        until every row has, or until N tokens.
+        """
+        from n4.generate import generate
+
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            use_cache=use_cache,
+            generator=generator,
+        )
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Return an iterator over the sampled tokens, one (B,) tensor per step; see ``generate``."""
+        from n4.generate import stream
+
+        return stream(
+            self,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            use_cache=use_cache,
+            generator=generator,
+        )
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Count the parameters, buffers excluded.

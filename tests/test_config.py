@@ -4,14 +4,16 @@ import pytest
 import yaml
 
 import variants
-from experiments.config import PRESETS, parse_overrides, parse_seeds, resolve_config
+from experiments.config import PRESETS, parse_overrides, parse_seeds, resolve_config, validate
 from experiments.plan import build_plan, matched_inter_size, mlp_parameter_count, variant_cells
 
 
 def test_defaults_are_tiny_preset_published_baseline():
     config = resolve_config()
     assert config.preset == "tiny"
-    assert config.baseline == {"attention": "n4", "mlp": "asgg", "norm": "dyt", "position": "none"}
+    assert config.baseline == {"attention": "n4", "mlp": "asgg", "norm": "dyt", "position": "auto"}
+    assert config.position_defaults["n4"] == "none"
+    assert config.position_defaults["*"] == "rope"
     assert config.options["attention"]["n4"] == {"scale": "hidden_size"}
     assert config.options["norm"]["dyt"] == {"alpha_init": None, "bias": False}
 
@@ -103,11 +105,39 @@ def test_unknown_option_for_variant_rejected():
 def test_one_factor_at_a_time_cells():
     config = resolve_config(preset="smoke", overrides=["axes.position=[none, rope]"])
     cells = variant_cells(config, grid=False)
-    assert cells[0] == config.baseline
+    baseline = {"attention": "n4", "mlp": "asgg", "norm": "dyt", "position": "none"}
+    assert cells[0] == baseline
+    # Position none for n4 is the baseline itself, so the position axis adds only rope.
     assert len(cells) == 1 + 4 + 2 + 2 + 1
     for cell in cells[1:]:
-        changed = [axis for axis in cell if cell[axis] != config.baseline[axis]]
-        assert len(changed) == 1
+        changed = [axis for axis in cell if cell[axis] != baseline[axis]]
+        if cell["attention"] != "n4":
+            assert changed == ["attention", "position"]
+            assert cell["position"] == "rope"
+        else:
+            assert len(changed) == 1
+
+
+def test_auto_position_resolves_per_attention():
+    config = resolve_config(preset="smoke")
+    positions = {cell["attention"]: cell["position"] for cell in variant_cells(config, grid=True)}
+    assert positions == {"n4": "none", "mha": "rope", "swa": "rope", "gqa": "rope", "mla": "rope"}
+    crossed = resolve_config(preset="smoke", overrides=["axes.position=[none, rope]"])
+    assert len(variant_cells(crossed, grid=True)) == 90
+
+
+def test_position_defaults_need_fallback():
+    config = resolve_config(overrides=["position_defaults={mha: none}"])
+    assert config.position_defaults["mha"] == "none"
+    assert config.position_defaults["*"] == "rope"
+    config.position_defaults = {"n4": "none"}
+    with pytest.raises(ValueError, match=r"position_defaults needs a '\*' entry"):
+        validate(config)
+
+
+def test_position_defaults_reject_unknown_names():
+    with pytest.raises(ValueError, match=r"unknown position 'alibi'"):
+        resolve_config(overrides=["position_defaults={mha: alibi}"])
 
 
 def test_grid_is_full_product():

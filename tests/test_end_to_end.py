@@ -1,6 +1,7 @@
 """The runner end to end: the smoke grid on a small local corpus, MLflow runs, summary and figures."""
 
 import random
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -84,6 +85,11 @@ def test_smoke_grid_end_to_end(workspace, corpus):
         figure = out / "figures" / f"loss_curves.{suffix}"
         assert figure.stat().st_size > 10_000, figure
 
+    # Checkpoints: one per run, in results and as an MLflow artifact, usable by n4.generate.
+    assert summary["checkpoint"].map(lambda path: (Path(path) / "model.safetensors").is_file()).all()
+    child_artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
+    assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/tokenizer.json"} <= child_artifacts
+
     # Rerunning the same command trains nothing new and duplicates nothing.
     assert run(workspace, corpus, "--grid") == 0
     assert len(pd.read_csv(out / "summary.csv")) == 45
@@ -131,3 +137,17 @@ def test_nan_run_fails_grid_continues(workspace, corpus):
     failed = client.get_run(summary.loc["rmsnorm", "mlflow_run_id"])
     assert failed.info.status == "FAILED"
     assert failed.data.tags["status"] == "failed"
+
+
+def test_generate_from_grid_checkpoint(workspace, corpus, capsys):
+    from n4.generate import main as generate_main
+
+    assert run(workspace, corpus, "axes.attention=[n4]", "axes.mlp=[asgg]", "axes.norm=[dyt]") == 0
+    summary = pd.read_csv(workspace / "results" / "smoke" / "summary.csv")
+    capsys.readouterr()
+    code = generate_main([
+        "--checkpoint", summary.loc[0, "checkpoint"], "--prompt", "The king", "--max-new-tokens", "5",
+        "--temperature", "0",
+    ])
+    assert code == 0
+    assert capsys.readouterr().out.startswith("The king")

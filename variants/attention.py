@@ -7,7 +7,8 @@ Shapes:
 
 All three share one implementation, ``CausalSelfAttention``, and differ only in the number of
 key/value heads and the window. They run on ``F.scaled_dot_product_attention``: "mha" and "gqa"
-with ``is_causal=True`` and no mask tensor, "swa" with a cached boolean band mask.
+with ``is_causal=True`` and no mask tensor, "swa" with a cached boolean band mask. With a
+``LayerCache`` (cached decoding) they cache H_kv key/value heads, "swa" only its last W tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from n4.cache import LayerCache, causal_attention
 from variants.registry import ATTENTION, POSITION
 
 if TYPE_CHECKING:
@@ -71,14 +73,27 @@ class CausalSelfAttention(nn.Module):
         # Band mask for the last sequence length seen, rebuilt when T or the device changes.
         self._window_mask: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """Attend over x (B, T, C), or with ``cache`` over the cached tokens followed by x.
+
+        The cache stores the rotated keys and the values, 2 * H_kv * D numbers per token, and with
+        a window only the last W tokens.
+        """
         B, T, C = x.shape
+        offset = 0 if cache is None else cache.length
 
         # Project to per-head queries, keys and values.
         q, k, v = self.project_qkv(x)  # (B, H, T, D), (B, H_kv, T, D), (B, H_kv, T, D)
 
+        # Key transform of derived variants (identity here).
+        k = self.transform_keys(x, k, cache)  # (B, H_kv, T, D)
+
         # Position encoding ("rope" rotates q and k; "none" leaves them unchanged).
-        q, k = self.position(q, k)
+        q, k = self.position(q, k, offset=offset)
+
+        # With a cache, attend over the cached tokens too: keys and values become (B, H_kv, S, D).
+        if cache is not None:
+            k, v = cache.update({"keys": k, "values": v}, keep=self.window)
 
         # Attention.
         y = self.attend(q, k, v)  # (B, H, T, D)
@@ -95,22 +110,33 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
+    def transform_keys(self, x: torch.Tensor, k: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
+        """Return the keys (B, H_kv, T, D) that attention uses, before position encoding.
+
+        The identity here. A subclass may replace the keys of the new tokens x (B, T, C), reading
+        and updating its own state in ``cache.state``, where ``cache.length`` tokens come before x.
+        """
+        return k
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Return causal softmax attention of q (B, H, T, D) over k, v (B, H_kv, T, D), as (B, H, T, D)."""
-        seq_len = q.shape[-2]
+        """Return causal softmax attention of q (B, H, T, D) over k, v (B, H_kv, S, D), as (B, H, T, D).
+
+        The T queries are the last T of the S key positions, so S > T after a cache.
+        """
+        query_len, key_len = q.shape[-2], k.shape[-2]
         dropout_p = self.dropout if self.training else 0.0
         # SDPA's enable_gqa repeats key/value heads as repeat_interleave does, which gives the
         # contiguous grouping above. It stays off when every query head has its own key/value head.
         enable_gqa = self.num_kv_heads != self.heads
 
-        # A window covering the whole sequence is the plain causal mask, which needs no mask tensor.
-        if self.window is None or self.window >= seq_len:
+        # The full-sequence band mask is kept between calls because training reuses one length.
+        if self.window is not None and self.window < key_len and query_len == key_len:
+            mask = self._band_mask(query_len, q.device)
             return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale, enable_gqa=enable_gqa
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.scale, enable_gqa=enable_gqa
             )
-        mask = self._band_mask(seq_len, q.device)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.scale, enable_gqa=enable_gqa
+        return causal_attention(
+            q, k, v, scale=self.scale, window=self.window, dropout_p=dropout_p, enable_gqa=enable_gqa
         )
 
     def _band_mask(self, seq_len: int, device: torch.device) -> torch.Tensor:

@@ -67,9 +67,11 @@ class RotaryEmbedding(nn.Module):
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute the float32 cos and sin tables, (L, D) each, on ``device``."""
         # Angles in float64 on the CPU (some accelerators lack float64), rounded once at the end.
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        # The device is explicit so that building under a default device such as "meta" still works.
+        cpu = torch.device("cpu")
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=cpu) / self.head_dim
         inv_freq = self.theta**-exponents  # (D/2,)
-        positions = torch.arange(self.max_seq_len, dtype=torch.float64)  # (L,)
+        positions = torch.arange(self.max_seq_len, dtype=torch.float64, device=cpu)  # (L,)
         angles = torch.outer(positions, inv_freq)  # (L, D/2)
         angles = torch.cat((angles, angles), dim=-1)  # (L, D): channel j and j + D/2 share an angle
         return angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32)

@@ -3,7 +3,7 @@
 A registry maps a variant name (a string used in configs, run names and tables) to a builder that
 returns an ``nn.Module``. Builders of one registry share one signature:
 
-    ATTENTION[name](config: ModelConfig, **options)     -> module, forward(x: (B, T, C)) -> (B, T, C)
+    ATTENTION[name](config: ModelConfig, **options)     -> module, forward(x: (B, T, C), cache=None) -> (B, T, C)
     MLP[name](hidden_size, inter_size, bias, **options) -> module, forward(x: (B, T, C)) -> (B, T, C)
     NORM[name](dim, **options)                          -> module, forward(x: (..., dim)) -> (..., dim)
     POSITION[name](head_dim, max_seq_len, theta)        -> module, forward(q, k, offset=0) -> (q, k)
