@@ -21,6 +21,9 @@ from experiments.data import DataConfig
 from n4.config import PUBLISHED_ATTENTION_OPTIONS, PUBLISHED_NORM_OPTIONS
 
 AXES = ("attention", "mlp", "norm", "position")
+
+# The position value that resolves per attention through AblationConfig.position_defaults.
+AUTO_POSITION = "auto"
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -87,15 +90,21 @@ class AblationConfig:
     model: ModelSizes = field(default_factory=ModelSizes)
     train: TrainConfig = field(default_factory=TrainConfig)
     baseline: dict[str, str] = field(
-        default_factory=lambda: {"attention": "n4", "mlp": "asgg", "norm": "dyt", "position": "none"}
+        default_factory=lambda: {"attention": "n4", "mlp": "asgg", "norm": "dyt", "position": AUTO_POSITION}
     )
     axes: dict[str, list[str]] = field(
         default_factory=lambda: {
             "attention": ["n4", "mha", "swa", "gqa", "mla"],
             "mlp": ["asgg", "swiglu", "gelu"],
             "norm": ["dyt", "layernorm", "rmsnorm"],
-            "position": ["none"],
+            "position": [AUTO_POSITION],
         }
+    )
+    # What position "auto" means for each attention: N4 as published uses none, as do the fused
+    # N4 variants, whose key running mean carries order information; the baselines use RoPE.
+    # "*" covers every attention not listed.
+    position_defaults: dict[str, str] = field(
+        default_factory=lambda: {"*": "rope", "n4": "none", "n4-swa": "none", "n4-gqa": "none", "n4-mla": "none"}
     )
     # Builder options per axis and variant name; the defaults reproduce the published N4 choices.
     options: dict[str, dict[str, dict[str, Any]]] = field(
@@ -106,6 +115,7 @@ class AblationConfig:
         }
     )
     match_mlp_params: bool = True  # resize each MLP's inter_size to the baseline MLP's parameter count
+    save_checkpoints: bool = True  # save each finished model (safetensors + config) to results and MLflow
     results_dir: str = "results"
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<results_dir>/mlflow.db
 
@@ -190,10 +200,10 @@ def apply_values(config: AblationConfig, values: dict[str, Any], origin: str) ->
     for key, value in values.items():
         if key in _SECTIONS:
             setattr(config, key, _merge_section(key, getattr(config, key), value or {}))
-        elif key in ("baseline", "axes"):
+        elif key in ("baseline", "axes", "position_defaults"):
             if not isinstance(value, dict):
                 raise ValueError(f"{key} in {origin} must be a mapping of axis to value(s), got {value!r}")
-            bad = sorted(set(value) - set(AXES))
+            bad = sorted(set(value) - set(AXES)) if key != "position_defaults" else []
             if bad:
                 raise ValueError(f"unknown axis {', '.join(bad)} in {origin}; valid axes: {', '.join(AXES)}")
             merged = dict(getattr(config, key))
@@ -326,9 +336,18 @@ def validate(config: AblationConfig) -> None:
         if not isinstance(values, list) or not values:
             raise ValueError(f"axes.{axis}={values!r} is invalid: expected a non-empty list of names")
         for value in [config.baseline[axis], *values]:
+            if axis == "position" and value == AUTO_POSITION:
+                continue
             registries[axis][value]  # raises UnknownVariantError with the valid names
         if len(set(values)) != len(values):
             raise ValueError(f"axes.{axis}={values!r} repeats a name")
+    if "*" not in config.position_defaults:
+        raise ValueError("position_defaults needs a '*' entry: the position of attentions not listed")
+    for attention, position in config.position_defaults.items():
+        if attention != "*":
+            registries["attention"][attention]
+        registries["position"][position]
+
     # Arguments that the model passes itself, so they are not options.
     builder_arguments = {"attention": ("config",), "mlp": ("hidden_size", "inter_size", "bias"), "norm": ("dim",)}
     for axis, per_name in config.options.items():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import variants
-from experiments.config import AXES, AblationConfig
+from experiments.config import AUTO_POSITION, AXES, AblationConfig
 from n4.config import ModelConfig
 
 
@@ -33,6 +33,11 @@ class RunSpec:
         return " ".join(f"{axis}={name}" for axis, name in self.variant)
 
     @property
+    def slug(self) -> str:
+        """File-name form of the run name, such as ``gqa-swiglu-rmsnorm-rope-seed0``."""
+        return "-".join(name for _, name in self.variant) + f"-seed{self.seed}"
+
+    @property
     def run_name(self) -> str:
         return f"{self.label} seed={self.seed}"
 
@@ -50,22 +55,40 @@ class RunSpec:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def resolve_position(config: AblationConfig, cell: dict[str, str]) -> dict[str, str]:
+    """Replace position "auto" by the attention's default from ``config.position_defaults``."""
+    if cell["position"] != AUTO_POSITION:
+        return cell
+    defaults = config.position_defaults
+    return {**cell, "position": defaults.get(cell["attention"], defaults["*"])}
+
+
+def resolved_baseline(config: AblationConfig) -> dict[str, str]:
+    return resolve_position(config, dict(config.baseline))
+
+
 def variant_cells(config: AblationConfig, grid: bool) -> list[dict[str, str]]:
     """Return the variants to train: the full product of the axes, or one factor at a time.
 
     One factor at a time is the baseline followed, axis by axis, by the baseline with that axis
-    changed to each of its other values.
+    changed to each of its other values. Position "auto" is resolved per attention, and cells that
+    become identical after that are kept once.
     """
     if grid:
         values = [config.axes[axis] for axis in AXES]
-        return [dict(zip(AXES, combination)) for combination in itertools.product(*values)]
+        cells = [dict(zip(AXES, combination)) for combination in itertools.product(*values)]
+    else:
+        cells = [dict(config.baseline)]
+        for axis in AXES:
+            for name in config.axes[axis]:
+                if name != config.baseline[axis]:
+                    cells.append({**config.baseline, axis: name})
 
-    cells = [dict(config.baseline)]
-    for axis in AXES:
-        for name in config.axes[axis]:
-            if name != config.baseline[axis]:
-                cells.append({**config.baseline, axis: name})
-    return cells
+    unique: dict[tuple[str, ...], dict[str, str]] = {}
+    for cell in cells:
+        resolved = resolve_position(config, cell)
+        unique.setdefault(tuple(resolved[axis] for axis in AXES), resolved)
+    return list(unique.values())
 
 
 def mlp_parameter_count(name: str, hidden_size: int, inter_size: int, bias: bool, options: dict) -> int:
@@ -137,7 +160,7 @@ def build_plan(config: AblationConfig, grid: bool, vocab_size: int) -> list[RunS
         model = model_config_for(config, cell, vocab_size)
         check_builds(model)
         variant = tuple((axis, cell[axis]) for axis in AXES)
-        is_baseline = cell == {axis: config.baseline[axis] for axis in AXES}
+        is_baseline = cell == resolved_baseline(config)
         for seed in config.seeds:
             runs.append(RunSpec(variant=variant, seed=seed, model=model, is_baseline=is_baseline))
     return runs

@@ -34,7 +34,7 @@ SUMMARY_COLUMNS = [
     "run_name", "attention", "mlp", "norm", "position", "seed", "params", "non_embedding_params",
     "inter_size", "final_val_loss", "initial_val_loss", "tokens_per_s", "flops_per_token", "mfu",
     "peak_mem_mb", "wall_s", "steps", "tokens", "data_fingerprint", "status", "failure_reason",
-    "failed_step", "is_baseline", "run_key", "mlflow_run_id",
+    "failed_step", "is_baseline", "run_key", "mlflow_run_id", "checkpoint",
 ]
 
 
@@ -155,6 +155,7 @@ def _summary_row(spec: RunSpec, config: AblationConfig, result: RunResult, run_k
         "is_baseline": spec.is_baseline,
         "run_key": run_key,
         "mlflow_run_id": run_id,
+        "checkpoint": result.checkpoint,
     }
 
 
@@ -162,6 +163,20 @@ def _replace_row(summary: pd.DataFrame, row: dict[str, Any]) -> pd.DataFrame:
     kept = summary[summary["run_key"] != row["run_key"]]
     new = pd.DataFrame([row], columns=SUMMARY_COLUMNS)
     return new if kept.empty else pd.concat([kept, new], ignore_index=True)
+
+
+def save_run_checkpoint(result: RunResult, directory: Path, data: PreparedData, spec: RunSpec, run_key: str) -> Path:
+    """Save a finished run's model with its tokenizer; a rerun of the same run replaces it."""
+    from n4.checkpoint import save_checkpoint
+
+    extra = {
+        "run_name": spec.run_name,
+        "run_key": run_key,
+        "steps": result.steps_done,
+        "final_val_loss": result.final_val_loss,
+        "data_fingerprint": result.data_fingerprint,
+    }
+    return save_checkpoint(result.model, directory, tokenizer_path=data.tokenizer_path, extra=extra, overwrite=True)
 
 
 def write_figures(tracking_uri: str, experiment: str, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -244,6 +259,12 @@ def run_ablation(config: AblationConfig, grid: bool, show_progress: bool = True)
                 result = RunResult(status="failed", failure_reason=f"{type(error).__name__}: {error}")
             finally:
                 inner.close()
+
+            if result.status == "finished" and result.model is not None and config.save_checkpoints:
+                checkpoint = save_run_checkpoint(result, results.path / "checkpoints" / spec.slug, data, spec, run_key)
+                tracker.log_artifacts(run_id, checkpoint, "checkpoint")
+                result.checkpoint = str(checkpoint)
+            result.model = None
 
             tracker.log_metrics(run_id, result.steps_done, {
                 "final_val_loss": result.final_val_loss if math.isfinite(result.final_val_loss) else float("nan"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -36,6 +37,19 @@ def tracking_uri_for(configured: str | None, results_dir: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
+def artifact_location_for(tracking_uri: str, experiment_name: str) -> str | None:
+    """Return an artifact folder beside a sqlite store, or None to let MLflow or the server decide.
+
+    Without this, MLflow puts the artifacts of a sqlite store in ./mlruns of the current directory,
+    away from the database file.
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = Path(tracking_uri[len(prefix) :])
+    return (database.parent / "mlartifacts" / experiment_name).resolve().as_uri()
+
+
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts into dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}."""
     flat: dict[str, Any] = {}
@@ -46,6 +60,11 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _param_key(key: str) -> str:
+    """Replace the characters MLflow rejects in names (such as the "*" of position_defaults) by "_"."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -61,7 +80,9 @@ class AblationTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
-            experiment_id = self.client.create_experiment(experiment_name)
+            experiment_id = self.client.create_experiment(
+                experiment_name, artifact_location=artifact_location_for(tracking_uri, experiment_name)
+            )
         else:
             if experiment.lifecycle_stage == "deleted":
                 raise ValueError(
@@ -101,7 +122,7 @@ class AblationTracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        items = [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in flatten(params).items()]
+        items = [Param(_param_key(key), str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in flatten(params).items()]
         for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=chunk)
 
@@ -131,6 +152,9 @@ class AblationTracker:
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_artifacts(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(directory), artifact_path)
 
     def end_run(self, run_id: str, status: str) -> None:
         """Flush pending metrics and mark the run FINISHED or FAILED."""

@@ -46,6 +46,8 @@ class RunResult:
     wall_s: float = 0.0
     data_fingerprint: str = ""
     val_history: list[tuple[int, float]] = field(default_factory=list)
+    model: CausalLM | None = field(default=None, repr=False)  # the trained model, for checkpoints
+    checkpoint: str = ""  # where the runner saved the model, if it did
 
 
 class NonFiniteLossError(RuntimeError):
@@ -275,4 +277,5 @@ def train_run(
         result.mfu = result.tokens_per_s * result.flops_per_token / train.peak_flops
     result.peak_mem_mb = memory.read_mb()
     result.data_fingerprint = fingerprint.hexdigest()[:16]
+    result.model = model
     return result
