@@ -81,7 +81,6 @@ class ResultsDir:
         self.path = Path(config.results_dir) / config.name
         self.summary_path = self.path / "summary.csv"
         self.state_path = self.path / "state.json"
-        self.figures_path = self.path / "figures"
         self.fingerprint = config.fingerprint()
 
     def check_compatible(self) -> dict[str, Any]:
@@ -179,23 +178,19 @@ def save_run_checkpoint(result: RunResult, directory: Path, data: PreparedData, 
     return save_checkpoint(result.model, directory, tokenizer_path=data.tokenizer_path, extra=extra, overwrite=True)
 
 
-def write_figures(tracking_uri: str, experiment: str, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Plot the loss curves of the summary's runs, reading their histories back from MLflow."""
-    from analysis.figures import plot_loss_curves
-    from analysis.runs import load_history, load_runs
+def write_figures_and_tables(tracking_uri: str, experiment: str, parent_id: str, out_dir: Path) -> list[Path]:
+    """Write the ablation's figures and tables from its MLflow runs and log them to the parent run.
 
-    if summary.empty:
+    A plotting error is logged and does not fail the ablation, whose runs are already recorded;
+    ``python -m analysis.report NAME`` writes the same files again.
+    """
+    from analysis.report import write_report
+
+    try:
+        return write_report(tracking_uri, experiment, out_dir, parent_run_id=parent_id)
+    except Exception:  # noqa: BLE001 - the runs are saved; a figure must not turn them into a failure
+        logger.exception("writing figures and tables failed; rerun `python -m analysis.report %s`", experiment)
         return []
-    runs = load_runs(tracking_uri, experiment)
-    runs = runs[runs["run_id"].isin(summary["mlflow_run_id"])].copy()
-    if runs.empty:
-        return []
-    runs["label"] = [" ".join(f"{axis}={row[axis]}" for axis in AXES) for _, row in runs.iterrows()]
-    runs["tokens_per_step"] = pd.to_numeric(runs["param.train.tokens_per_step"])
-    baseline = summary[summary["is_baseline"].astype(str) == "True"]
-    baseline_label = " ".join(f"{axis}={baseline.iloc[0][axis]}" for axis in AXES) if not baseline.empty else None
-    history = load_history(tracking_uri, list(runs["run_id"]), metrics=("val/loss",))
-    return plot_loss_curves(runs, history, out_dir, baseline_label=baseline_label)
 
 
 def run_ablation(config: AblationConfig, grid: bool, show_progress: bool = True) -> pd.DataFrame:
@@ -267,10 +262,13 @@ def run_ablation(config: AblationConfig, grid: bool, show_progress: bool = True)
             result.model = None
 
             tracker.log_metrics(run_id, result.steps_done, {
-                "final_val_loss": result.final_val_loss if math.isfinite(result.final_val_loss) else float("nan"),
+                "final_val_loss": result.final_val_loss,
                 "params": result.params,
                 "peak_mem_mb": result.peak_mem_mb,
                 "flops_per_token": result.flops_per_token,
+                "train_tokens_per_s": result.tokens_per_s,
+                "wall_s": result.wall_s,
+                **({"mfu": result.mfu} if math.isfinite(result.mfu) else {}),
             })
             tracker.set_tags(run_id, {"status": result.status, "data_fingerprint": result.data_fingerprint,
                                       "failure_reason": result.failure_reason[:5000]})
@@ -287,10 +285,8 @@ def run_ablation(config: AblationConfig, grid: bool, show_progress: bool = True)
     finally:
         outer.close()
 
-    figures = write_figures(tracking_uri, config.name, summary, results.figures_path)
-    for path in figures:
-        tracker.log_artifact(parent_id, path, "figures")
     tracker.log_artifact(parent_id, results.summary_path)
+    write_figures_and_tables(tracking_uri, config.name, parent_id, results.path)
     tracker.end_run(parent_id, "FINISHED")
     return summary
 

@@ -1,0 +1,429 @@
+"""Per-variant result tables: statistics over seeds, differences to the baseline, Markdown, LaTeX and CSV.
+
+``variant_table`` turns the runs frame of ``analysis.runs.load_runs`` (and optionally the history
+frame, for throughput) into one row per variant. Intervals are two-sided t-intervals over seeds
+at ``confidence`` (95% by default); a statistic over one seed has no interval (NaN). Failed runs
+stay in the table: a variant whose runs all failed is a row with status ``failed`` and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.runs import AXES
+
+CONFIDENCE = 0.95
+
+# Columns compared for the best value, with the direction that is better.
+BEST_DIRECTIONS = {
+    "final_val_loss": "min",
+    "perplexity": "min",
+    "delta_val_loss": "min",
+    "params": "min",
+    "flops_per_token": "min",
+    "tokens_per_s": "max",
+    "peak_mem_mb": "min",
+}
+
+# Columns of the CSV table; *_ci columns are interval half-widths.
+TABLE_COLUMNS = [
+    "variant", "label", *AXES, "is_baseline", "seeds", "n_runs", "n_finished",
+    "final_val_loss", "final_val_loss_ci", "perplexity", "perplexity_ci",
+    "delta_val_loss", "delta_val_loss_ci", "delta_paired",
+    "params", "flops_per_token", "tokens_per_s", "peak_mem_mb", "status", "failure_reason",
+]
+
+
+# Statistics.
+
+def t_half_width(values, confidence: float = CONFIDENCE) -> float:
+    """Return the half-width of the two-sided t-interval of the mean of ``values``; NaN for fewer than 2."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
+def welch_half_width(a, b, confidence: float = CONFIDENCE) -> float:
+    """Return the half-width of Welch's t-interval of mean(a) - mean(b); NaN if either has fewer than 2 values."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    var_a, var_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    standard_error = math.sqrt(var_a + var_b)
+    if standard_error == 0:
+        return 0.0
+    # Welch-Satterthwaite degrees of freedom.
+    dof = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    return float(stats.t.ppf(0.5 + confidence / 2, dof) * standard_error)
+
+
+def run_throughput(history: pd.DataFrame, tokens_per_step: Mapping[str, float]) -> pd.Series:
+    """Return each run's training throughput in tokens per second, indexed by run id.
+
+    The runner logs ``tokens_per_s`` per logging window (the steps since the previous point), so
+    the run's throughput is the window tokens' total divided by the windows' total time: the
+    token-weighted harmonic mean of the logged values.
+    """
+    points = history[history["metric"] == "tokens_per_s"].sort_values(["run_id", "step"])
+    result = {}
+    for run_id, group in points.groupby("run_id", sort=False):
+        steps = group["step"].to_numpy(dtype=float)
+        window_tokens = np.diff(steps, prepend=0.0) * float(tokens_per_step[run_id])
+        window_seconds = window_tokens / group["value"].to_numpy(dtype=float)
+        result[run_id] = float(window_tokens.sum() / window_seconds.sum())
+    return pd.Series(result, dtype=float)
+
+
+# Variants.
+
+def active_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return the runs that count: every run except attempts superseded by a retry of the same run key."""
+    return runs[~runs["superseded"].astype(bool)].reset_index(drop=True)
+
+
+def variants_of(runs: pd.DataFrame) -> pd.DataFrame:
+    """Return one row per variant (label, axis values, is_baseline): the baseline first, then in run order."""
+    variants = runs.drop_duplicates("label")[["label", *AXES]].copy()
+    baseline_labels = set(runs.loc[runs["is_baseline"].astype(bool), "label"])
+    variants["is_baseline"] = variants["label"].isin(baseline_labels)
+    return variants.sort_values("is_baseline", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def varying_axes(variants: pd.DataFrame) -> list[str]:
+    return [axis for axis in AXES if variants[axis].nunique() > 1]
+
+
+def ablation_kind(variants: pd.DataFrame) -> str:
+    """Return ``one-factor`` when every variant differs from the baseline in at most one axis, else ``grid``."""
+    baseline = variants[variants["is_baseline"]]
+    if baseline.empty:
+        return "grid"
+    reference = baseline.iloc[0]
+    changed = [sum(row[axis] != reference[axis] for axis in AXES) for _, row in variants.iterrows()]
+    return "one-factor" if max(changed) <= 1 else "grid"
+
+
+def changed_axis(variant: Mapping, baseline: Mapping | None) -> str | None:
+    """Return the one axis in which ``variant`` differs from ``baseline``, or None."""
+    if baseline is None:
+        return None
+    changed = [axis for axis in AXES if variant[axis] != baseline[axis]]
+    return changed[0] if len(changed) == 1 else None
+
+
+def variant_names(variants: pd.DataFrame) -> dict[str, str]:
+    """Return a short display name per variant label.
+
+    One factor at a time: ``baseline (n4, asgg, dyt, none)`` and ``attention=mha``. A grid: the
+    values of the varying axes, ``mha + swiglu + rmsnorm``, with `` (baseline)`` after the baseline.
+    """
+    varying = varying_axes(variants) or list(AXES)
+    baseline_rows = variants[variants["is_baseline"]]
+    baseline = baseline_rows.iloc[0] if not baseline_rows.empty else None
+    one_factor = ablation_kind(variants) == "one-factor"
+    names = {}
+    for _, variant in variants.iterrows():
+        if one_factor and variant["is_baseline"]:
+            names[variant["label"]] = "baseline (" + ", ".join(str(variant[axis]) for axis in AXES) + ")"
+        elif one_factor and changed_axis(variant, baseline):
+            axis = changed_axis(variant, baseline)
+            names[variant["label"]] = f"{axis}={variant[axis]}"
+        else:
+            name = " + ".join(str(variant[axis]) for axis in varying)
+            names[variant["label"]] = name + (" (baseline)" if variant["is_baseline"] else "")
+    return names
+
+
+# The table.
+
+def _variant_status(group: pd.DataFrame) -> tuple[str, str]:
+    """Return (status, failure reason) of a variant's runs."""
+    unfinished = group[group["status"] != "finished"]
+    if unfinished.empty:
+        return "finished", ""
+    statuses = "/".join(sorted(set(unfinished["status"])))
+    status = statuses if len(unfinished) == len(group) else f"{len(unfinished)} of {len(group)} {statuses}"
+    reasons = [
+        f"seed {row['seed']}: {row['failure_reason'] or row['status']}" for _, row in unfinished.iterrows()
+    ]
+    return status, "; ".join(reasons)
+
+
+def _first_positive(values: pd.Series) -> float:
+    """Return the first positive value; params and FLOPs do not depend on training, so a failed run's count."""
+    positive = values[values > 0]
+    return float(positive.iloc[0]) if not positive.empty else math.nan
+
+
+def variant_table(runs: pd.DataFrame, history: pd.DataFrame | None = None, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Return one row per variant with the columns ``TABLE_COLUMNS``, the baseline first.
+
+    Loss, perplexity, throughput and memory are means over the variant's finished runs. Each
+    ``*_ci`` column is the half-width of the t-interval at ``confidence`` (NaN with one seed).
+    Perplexity is exp(final validation loss) per run, then averaged. ``delta_val_loss`` is the
+    variant's loss minus the baseline's: paired by seed (``delta_paired``) when both finished the
+    same seeds, else the difference of the means with Welch's interval. It is NaN for the
+    baseline itself. ``tokens_per_s`` needs ``history`` with the ``tokens_per_s`` metric.
+    """
+    runs = active_runs(runs)
+    if runs.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    variants = variants_of(runs)
+    names = variant_names(variants)
+    throughput = pd.Series(dtype=float)
+    if history is not None and not history.empty:
+        throughput = run_throughput(history, dict(zip(runs["run_id"], runs["tokens_per_step"])))
+
+    finished = runs[runs["status"] == "finished"]
+    baseline_labels = variants.loc[variants["is_baseline"], "label"]
+    baseline_losses = (
+        finished[finished["label"] == baseline_labels.iloc[0]].set_index("seed")["final_val_loss"]
+        if not baseline_labels.empty else pd.Series(dtype=float)
+    )
+
+    rows = []
+    for _, variant in variants.iterrows():
+        group = runs[runs["label"] == variant["label"]]
+        done = finished[finished["label"] == variant["label"]]
+        losses = done.set_index("seed")["final_val_loss"]
+        perplexities = np.exp(losses.to_numpy(dtype=float))
+        status, reason = _variant_status(group)
+        row = {
+            "variant": names[variant["label"]],
+            "label": variant["label"],
+            **{axis: variant[axis] for axis in AXES},
+            "is_baseline": bool(variant["is_baseline"]),
+            "seeds": ",".join(str(seed) for seed in sorted(group["seed"].dropna())),
+            "n_runs": len(group),
+            "n_finished": len(done),
+            "final_val_loss": losses.mean() if len(losses) else math.nan,
+            "final_val_loss_ci": t_half_width(losses, confidence),
+            "perplexity": perplexities.mean() if len(perplexities) else math.nan,
+            "perplexity_ci": t_half_width(perplexities, confidence),
+            "params": _first_positive(group["params"]),
+            "flops_per_token": _first_positive(group["flops_per_token"]),
+            "tokens_per_s": throughput.reindex(done["run_id"]).mean() if len(done) else math.nan,
+            "peak_mem_mb": done["peak_mem_mb"].mean() if len(done) else math.nan,
+            "status": status,
+            "failure_reason": reason,
+        }
+        row.update(_delta(losses, baseline_losses, variant["is_baseline"], confidence))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def _delta(losses: pd.Series, baseline: pd.Series, is_baseline: bool, confidence: float) -> dict:
+    if is_baseline or losses.empty or baseline.empty:
+        return {"delta_val_loss": math.nan, "delta_val_loss_ci": math.nan, "delta_paired": False}
+    if set(losses.index) == set(baseline.index):
+        differences = losses.sort_index() - baseline.sort_index()
+        return {
+            "delta_val_loss": float(differences.mean()),
+            "delta_val_loss_ci": t_half_width(differences, confidence),
+            "delta_paired": True,
+        }
+    return {
+        "delta_val_loss": float(losses.mean() - baseline.mean()),
+        "delta_val_loss_ci": welch_half_width(losses, baseline, confidence),
+        "delta_paired": False,
+    }
+
+
+# Formatting.
+
+def _si(value: float) -> str:
+    """Format with three significant digits and an SI prefix: 3.40M, 6.00k, 512."""
+    for divisor, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= divisor:
+            return f"{value / divisor:#.3g}".rstrip(".") + suffix
+    return f"{value:#.3g}".rstrip(".")
+
+
+# Column -> how its mean is printed in Markdown and LaTeX.
+_FORMATS = {
+    "final_val_loss": lambda v: f"{v:.3f}",
+    "perplexity": lambda v: f"{v:.2f}",
+    "delta_val_loss": lambda v: f"{v:+.3f}",
+    "params": lambda v: f"{v:,.0f}",
+    "flops_per_token": _si,
+    "tokens_per_s": lambda v: f"{v:,.0f}",
+    "peak_mem_mb": lambda v: f"{v:,.1f}",
+}
+_CI_FORMATS = {"final_val_loss": "{:.3f}", "perplexity": "{:.2f}", "delta_val_loss": "{:.3f}"}
+
+# Displayed columns: (table column, Markdown header, LaTeX header).
+DISPLAY_COLUMNS = [
+    ("variant", "variant", "variant"),
+    ("final_val_loss", "val loss (nats/token) ↓", r"val loss (nats/token) $\downarrow$"),
+    ("perplexity", "perplexity ↓", r"perplexity $\downarrow$"),
+    ("delta_val_loss", "Δ loss vs baseline ↓", r"$\Delta$ loss vs baseline $\downarrow$"),
+    ("params", "params ↓", r"params $\downarrow$"),
+    ("flops_per_token", "training FLOPs/token ↓", r"training FLOPs/token $\downarrow$"),
+    ("tokens_per_s", "tokens/s ↑", r"tokens/s $\uparrow$"),
+    ("peak_mem_mb", "peak memory (MiB) ↓", r"peak memory (MiB) $\downarrow$"),
+    ("seeds", "seeds", "seeds"),
+    ("status", "status", "status"),
+    ("failure_reason", "failure reason", "failure reason"),
+]
+
+
+# Column -> the mean rounded as it is printed; best values are compared on these, as a reader does.
+_ROUNDING = {
+    "final_val_loss": lambda v: round(v, 3),
+    "perplexity": lambda v: round(v, 2),
+    "delta_val_loss": lambda v: round(v, 3),
+    "params": round,
+    "flops_per_token": lambda v: float(f"{v:.3g}"),
+    "tokens_per_s": round,
+    "peak_mem_mb": lambda v: round(v, 1),
+}
+MAX_REASON_CHARS = 100  # failure reasons are cut to this length in Markdown and LaTeX, not in CSV
+
+
+def best_rows(table: pd.DataFrame) -> dict[str, list[int]]:
+    """Return, per column of ``BEST_DIRECTIONS``, the row positions that hold its best printed value.
+
+    A column is left out when fewer than two rows have a value or all printed values are equal,
+    since nothing is best there.
+    """
+    table = table.reset_index(drop=True)
+    marks = {}
+    for column, direction in BEST_DIRECTIONS.items():
+        values = table[column].astype(float)
+        present = values.dropna()
+        if len(present) < 2:
+            continue
+        printed = present.map(_ROUNDING[column])
+        if printed.nunique() == 1:
+            continue
+        best = printed.min() if direction == "min" else printed.max()
+        marks[column] = [int(position) for position in printed.index[printed == best]]
+    return marks
+
+
+def _cell(row: pd.Series, column: str, plus_minus: str) -> str:
+    if column not in _FORMATS:
+        text = "" if pd.isna(row[column]) else str(row[column])
+        return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+    value = row[column]
+    if pd.isna(value):
+        return "—"
+    text = _FORMATS[column](float(value))
+    half_width = row.get(f"{column}_ci")
+    if column in _CI_FORMATS and half_width is not None and not pd.isna(half_width):
+        text += f" {plus_minus} " + _CI_FORMATS[column].format(half_width)
+    return text
+
+
+def _display_rows(table: pd.DataFrame, plus_minus: str, bold, escape, dagger: str) -> list[list[str]]:
+    marks = best_rows(table)
+    show_reason = bool(table["failure_reason"].astype(str).str.len().gt(0).any())
+    rows = []
+    for position, (_, row) in enumerate(table.reset_index(drop=True).iterrows()):
+        cells = []
+        for column, _, _ in DISPLAY_COLUMNS:
+            if column == "failure_reason" and not show_reason:
+                continue
+            text = escape(_cell(row, column, plus_minus))
+            if column == "delta_val_loss" and not pd.isna(row[column]) and not bool(row["delta_paired"]):
+                text += dagger
+            if position in marks.get(column, []):
+                text = bold(text)
+            cells.append(text)
+        rows.append(cells)
+    return rows
+
+
+def _headers(table: pd.DataFrame, index: int) -> list[str]:
+    show_reason = bool(table["failure_reason"].astype(str).str.len().gt(0).any())
+    return [names[index] for names in DISPLAY_COLUMNS if names[0] != "failure_reason" or show_reason]
+
+
+def _notes(table: pd.DataFrame, confidence: float, dagger: str) -> list[str]:
+    notes = [
+        f"Means over seeds; ± is the half-width of the {confidence:.0%} t-interval (none with one seed). "
+        "Perplexity is exp(loss) per run. Bold marks the best value of a column."
+    ]
+    unpaired = ~table["delta_paired"].astype(bool) & table["delta_val_loss"].notna()
+    if unpaired.any():
+        notes.append(f"Δ is paired by seed, except {dagger.strip()}: seeds differ from the baseline's, so the difference of means with Welch's interval.")
+    else:
+        notes.append("Δ is paired by seed.")
+    return notes
+
+
+def to_markdown(table: pd.DataFrame, confidence: float = CONFIDENCE) -> str:
+    """Return the table as GitHub Markdown with best values in bold and a note on the statistics."""
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    headers = _headers(table, 1)
+    rows = _display_rows(table, "±", lambda text: f"**{text}**", escape, " †")
+    alignment = ["---" if column in ("variant", "seeds", "status", "failure reason") else "---:" for column in headers]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(alignment) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n\n" + "\n".join(_notes(table, confidence, " †")) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(character, character) for character in text).replace("—", "---")
+
+
+def _latex_cell(text: str) -> str:
+    """Escape a cell for LaTeX and typeset a leading minus sign as a minus, not a hyphen."""
+    text = latex_escape(text)
+    return "$-$" + text[1:] if text[:1] == "-" and text[1:2].isdigit() else text
+
+
+def to_latex(table: pd.DataFrame, confidence: float = CONFIDENCE) -> str:
+    """Return the table as a LaTeX ``tabular`` with booktabs rules and best values in bold."""
+    headers = _headers(table, 2)
+    rows = _display_rows(table, "PLUSMINUS", lambda text: rf"\textbf{{{text}}}", _latex_cell, "DAGGER")
+    alignment = "".join("l" if header in ("variant", "seeds", "status", "failure reason") else "r" for header in headers)
+    lines = [
+        "% Requires \\usepackage{booktabs}. " + " ".join(_notes(table, confidence, "†")).replace("±", "+/-"),
+        rf"\begin{{tabular}}{{{alignment}}}",
+        r"\toprule",
+        " & ".join(headers) + r" \\",
+        r"\midrule",
+    ]
+    for cells in rows:
+        line = " & ".join(cells).replace("PLUSMINUS", r"$\pm$").replace("DAGGER", r"$^\dagger$")
+        lines.append(line + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    """Return the table as CSV with unrounded values and a ``best_in`` column naming the columns a row is best in."""
+    marks = best_rows(table)
+    frame = table.copy()
+    frame["best_in"] = [
+        ";".join(column for column, positions in marks.items() if position in positions) for position in range(len(frame))
+    ]
+    return frame.to_csv(index=False)
+
+
+def write_tables(table: pd.DataFrame, out_dir: str | Path, stem: str = "final_results", confidence: float = CONFIDENCE) -> list[Path]:
+    """Write ``<stem>.md``, ``<stem>.tex`` and ``<stem>.csv`` into ``out_dir``; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {"md": to_markdown(table, confidence), "tex": to_latex(table, confidence), "csv": to_csv(table)}
+    paths = []
+    for extension, text in outputs.items():
+        path = out_dir / f"{stem}.{extension}"
+        path.write_text(text)
+        paths.append(path)
+    return paths
