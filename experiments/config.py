@@ -253,7 +253,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"invalid override {item!r}: expected key=value, for example train.steps=100")
-        _set_dotted(values, _expand_short_key(key.strip()), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise ValueError(f"invalid override {item!r}: the value is not valid YAML ({error.problem})") from None
+        _set_dotted(values, _expand_short_key(key.strip()), value)
     return values
 
 
@@ -262,7 +266,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     with path.open() as handle:
-        values = yaml.safe_load(handle) or {}
+        try:
+            values = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a YAML mapping, got {type(values).__name__}")
     return values

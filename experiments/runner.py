@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds) if args.seeds else None
         config = resolve_config(args.config, args.preset, args.overrides, args.name, seeds)
         plan = build_plan(config, args.grid, config.data.vocab_size)
-        ResultsDir(config).check_compatible()
+        if not args.dry_run:
+            ResultsDir(config).check_compatible()
     except ValueError as error:  # includes UnknownVariantError
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -71,6 +71,7 @@ def test_parse_seeds_count_and_list():
         (["train.steps=0"], r"train\.steps=0"),
         (["model.window=0"], r"window=0.*>= 1"),
         (["options.attention.n4={scale: sqrt}"], r"cannot build attention=n4.*'sqrt'"),
+        (["axes.attention=[n4"], r"invalid override 'axes.attention=\[n4': the value is not valid YAML"),
     ],
 )
 def test_bad_values_raise_naming_value(overrides, message):
@@ -179,3 +180,10 @@ def test_registries_hold_design_names():
     assert {"asgg", "swiglu", "gelu"} <= set(variants.MLP)
     assert {"dyt", "layernorm", "rmsnorm"} <= set(variants.NORM)
     assert {"none", "rope"} <= set(variants.POSITION)
+
+
+def test_config_file_with_invalid_yaml_rejected(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: {steps: 4\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML"):
+        resolve_config(str(path))
