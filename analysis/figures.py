@@ -331,7 +331,11 @@ def _by_axis_figure(runs, history, lines, baseline, one_factor, width, metric, x
             linewidth = BASELINE_LINEWIDTH if is_base else 1.2
             # A grid line is a mean over other variants, whose spread is not a seed band.
             _draw(axis, curve, color, linestyle, linewidth, None, band=one_factor)
-            name = "baseline (" + ", ".join(str(baseline[a]) for a in AXES) + ")" if is_base else value
+            name = value
+            if is_base:
+                # In a grid this line is the mean over every run with the baseline's value on this
+                # axis, not the baseline run, so the legend says which value it is.
+                name = "baseline (" + ", ".join(str(baseline[a]) for a in AXES) + ")" if one_factor else f"{value} (baseline's {axis_name})"
             handles.setdefault(name, Line2D([], [], color=color, linestyle=linestyle, linewidth=linewidth, label=name))
         axis.set_title(axis_name)
         _label_axes(axis, x, metric, smooth, y_label=index % columns == 0)
