@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from n4.cache import LayerCache, causal_attention
@@ -170,7 +171,14 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, H, T, N + R)
         k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope_dim)), dim=-1)  # (B, H, S, N + R)
 
-        # SDPA allows a value width V different from the query/key width N + R.
+        # SDPA accepts a value width V other than the query/key width N + R, but PyTorch's fused CPU
+        # kernel does not (torch 2.13): SDPA then falls back to its math kernel, which materialises
+        # the (T, S) scores. Zero columns appended to v keep the fused kernel; their outputs are
+        # zero and are dropped.
+        width = q.shape[-1]
+        if self.v_head_dim < width:
+            y = causal_attention(q, k, F.pad(v, (0, width - self.v_head_dim)), scale=self.scale, dropout_p=dropout_p)
+            return y[..., : self.v_head_dim]
         return causal_attention(q, k, v, scale=self.scale, dropout_p=dropout_p)
 
     def latent_key_scores(self, q_latent: torch.Tensor, entries: dict[str, torch.Tensor]) -> torch.Tensor:
