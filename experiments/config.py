@@ -72,7 +72,7 @@ class TrainConfig:
     dtype: str = "float32"  # "bfloat16" turns on autocast
     device: str = "auto"
     threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's default
-    peak_flops: float | None = None  # hardware peak FLOP/s, for model FLOPs utilisation
+    peak_flops: float | None = None  # FLOP/s for model FLOPs utilisation; None measures a matmul peak once per process
 
     @property
     def tokens_per_step(self) -> int:

@@ -6,6 +6,7 @@ Shapes: B micro-batch size, T sequence length, V vocabulary size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -78,6 +79,28 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@functools.lru_cache(maxsize=None)
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """Return the FLOP/s of the fastest of ``repeats`` (size x size) products through F.linear.
+
+    The denominator of model FLOPs utilisation when train.peak_flops is not given: a measured
+    matmul peak of this machine in the run's dtype, not a vendor figure. Measured once per process.
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    F.linear(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        F.linear(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
@@ -178,6 +201,7 @@ def train_run(
         non_embedding_params=model.num_parameters(exclude_embeddings=True),
         flops_per_token=float(model.flops_per_token(train.seq_len)),
     )
+    peak_flops = train.peak_flops or measured_peak_flops(device, autocast_dtype or torch.float32)
     memory = PeakMemory(device)
     fingerprint = hashlib.sha256(val_windows.numpy().tobytes())
     tokens_per_step = train.tokens_per_step
@@ -249,6 +273,7 @@ def train_run(
                     "lr": lr,
                     "tokens_per_s": window_tokens / max(window_time, 1e-9),
                 }
+                metrics["mfu"] = metrics["tokens_per_s"] * result.flops_per_token / peak_flops
                 on_metrics(step, metrics)
                 if progress:
                     progress(step, values[-1])
@@ -273,8 +298,7 @@ def train_run(
     result.final_val_loss = result.val_history[-1][1] if result.status == "finished" else math.nan
     trained_tokens = result.steps_done * tokens_per_step
     result.tokens_per_s = trained_tokens / train_time if train_time > 0 else math.nan
-    if train.peak_flops:
-        result.mfu = result.tokens_per_s * result.flops_per_token / train.peak_flops
+    result.mfu = result.tokens_per_s * result.flops_per_token / peak_flops
     result.peak_mem_mb = memory.read_mb()
     result.data_fingerprint = fingerprint.hexdigest()[:16]
     result.model = model

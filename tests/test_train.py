@@ -124,7 +124,8 @@ def test_metrics_logged_with_steps():
     assert val_steps == [0, 3, 6]
     for step, metrics in logged:
         if "train/loss" in metrics:
-            assert set(metrics) == {"train/loss", "lr", "tokens_per_s"}
+            assert set(metrics) == {"train/loss", "lr", "tokens_per_s", "mfu"}
+            assert 0 < metrics["mfu"] < 10
             assert metrics["tokens_per_s"] > 0
 
 
