@@ -72,6 +72,7 @@ class TrainConfig:
     dtype: str = "float32"  # "bfloat16" turns on autocast
     device: str = "auto"
     threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's default
+    compile: bool = False  # torch.compile the model; no gain measured on CPU (docs/benchmarks.md)
     peak_flops: float | None = None  # FLOP/s for model FLOPs utilisation; None measures a matmul peak once per process
 
     @property

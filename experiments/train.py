@@ -191,6 +191,8 @@ def train_run(
     # Model and optimizer; the seed fixes the initial weights and nothing else.
     torch.manual_seed(seed)
     model = CausalLM(model_config).to(device)
+    # The compiled module shares its parameters with ``model``, which stays the one to save.
+    forward_model = torch.compile(model) if train.compile else model
     optimizer = build_optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, train.warmup_steps, train.steps, train.min_lr_ratio)
@@ -208,7 +210,7 @@ def train_run(
 
     # Step 0: the loss of the untrained model, so every curve starts from the same point.
     start_time = time.perf_counter()
-    val_loss = evaluate(model, val_windows, train.eval_batch_size, device, autocast)
+    val_loss = evaluate(forward_model, val_windows, train.eval_batch_size, device, autocast)
     result.initial_val_loss = val_loss
     result.val_history.append((0, val_loss))
     on_metrics(0, {"val/loss": val_loss})
@@ -235,7 +237,7 @@ def train_run(
                 batch = batch.to(device, non_blocking=True)
                 inputs, targets = batch[:, :-1].clamp(min=0), batch[:, 1:]
                 with autocast():
-                    logits = model(inputs)  # (B, T, V) float32
+                    logits = forward_model(inputs)  # (B, T, V) float32
                 loss_sum = F.cross_entropy(
                     logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
                 )
@@ -283,7 +285,7 @@ def train_run(
                 window_tokens = 0
 
             if is_eval:
-                val_loss = evaluate(model, val_windows, train.eval_batch_size, device, autocast)
+                val_loss = evaluate(forward_model, val_windows, train.eval_batch_size, device, autocast)
                 if not math.isfinite(val_loss):
                     raise NonFiniteLossError(step, val_loss)
                 result.val_history.append((step, val_loss))

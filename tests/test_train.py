@@ -167,3 +167,14 @@ def test_evaluation_turns_dropout_off():
     second = evaluate(model, windows, 2, torch.device("cpu"), no_autocast)
     assert first == second
     assert model.training
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager():
+    torch.manual_seed(4)
+    windows = torch.randint(0, VOCAB, (4, 9))
+    train = tiny_train_config(steps=3, eval_interval=3)
+    eager = train_run(tiny_model_config(), train, FixedBatches(windows, 4), windows, seed=0)
+    compiled = train_run(tiny_model_config(), tiny_train_config(steps=3, eval_interval=3, compile=True), FixedBatches(windows, 4), windows, seed=0)
+    assert compiled.status == "finished"
+    assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-4)
