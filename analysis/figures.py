@@ -334,7 +334,7 @@ def _by_axis_figure(runs, history, lines, baseline, one_factor, width, metric, x
             name = value
             if is_base:
                 # In a grid this line is the mean over every run with the baseline's value on this
-                # axis, not the baseline run, so the legend says which value it is.
+                # axis, not the baseline run, so the legend names the value instead.
                 name = "baseline (" + ", ".join(str(baseline[a]) for a in AXES) + ")" if one_factor else f"{value} (baseline's {axis_name})"
             handles.setdefault(name, Line2D([], [], color=color, linestyle=linestyle, linewidth=linewidth, label=name))
         axis.set_title(axis_name)

@@ -101,9 +101,9 @@ class AblationConfig:
             "position": [AUTO_POSITION],
         }
     )
-    # What position "auto" means for each attention: N4 as published uses none, as do the fused
-    # N4 variants, whose key running mean carries order information; the baselines use RoPE.
-    # "*" covers every attention not listed.
+    # What position "auto" means for each attention. N4 as published uses none, and so do the fused
+    # N4 variants, because their key running mean carries order information. The baselines use
+    # RoPE, and "*" covers every attention not listed.
     position_defaults: dict[str, str] = field(
         default_factory=lambda: {"*": "rope", "n4": "none", "n4-swa": "none", "n4-gqa": "none", "n4-mla": "none"}
     )

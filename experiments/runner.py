@@ -86,7 +86,7 @@ class ResultsDir:
     def check_compatible(self) -> dict[str, Any]:
         """Return the saved state; raise if this directory contains an ablation with another config.
 
-        Rerunning the same config continues it (finished runs are skipped); a different config
+        Rerunning the same config continues it and skips the finished runs. A different config
         under the same name would mix results, so it is rejected before anything is written.
         """
         if not self.state_path.exists():

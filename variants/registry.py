@@ -11,7 +11,7 @@ returns an ``nn.Module``. Builders of one registry share one signature:
 ``options`` come from ``ModelConfig.attention_options``, ``mlp_options`` and ``norm_options``.
 
 A new variant is one class in one file of this package, decorated with ``@ATTENTION.register("name")``
-(or MLP, NORM, POSITION); ``variants/__init__.py`` imports every module of the package, so no other
+(or MLP, NORM, POSITION). ``variants/__init__.py`` imports every module of the package, so no other
 file changes.
 """
 
