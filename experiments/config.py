@@ -74,6 +74,11 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's default
     compile: bool = False  # torch.compile the model; no gain measured on CPU (docs/benchmarks.md)
     peak_flops: float | None = None  # FLOP/s for model FLOPs utilisation; None measures a matmul peak once per process
+    checkpoint_interval: int | None = None  # steps between resume states of an unfinished run; None: eval_interval
+
+    # Settings that change how fast a run goes or how often it saves, not what it computes; they
+    # are left out of run keys and config fingerprints.
+    NOT_IN_KEYS = ("threads", "checkpoint_interval")
 
     @property
     def tokens_per_step(self) -> int:
@@ -129,7 +134,8 @@ class AblationConfig:
         values["data"].pop("cache_dir", None)
         for key in ("results_dir", "tracking_uri", "preset"):
             values.pop(key, None)
-        values["train"].pop("threads", None)
+        for key in TrainConfig.NOT_IN_KEYS:
+            values["train"].pop(key, None)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -370,6 +376,9 @@ def validate(config: AblationConfig) -> None:
         value = getattr(train, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"train.{key}={value!r} is invalid: expected a positive integer")
+    interval = train.checkpoint_interval
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+        raise ValueError(f"train.checkpoint_interval={interval!r} is invalid: expected a positive integer or null")
     if not (isinstance(train.lr, (int, float)) and train.lr > 0):
         raise ValueError(f"train.lr={train.lr!r} is invalid: expected a positive number")
     if not 0 <= train.min_lr_ratio <= 1:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import variants
-from experiments.config import AUTO_POSITION, AXES, AblationConfig
+from experiments.config import AUTO_POSITION, AXES, AblationConfig, TrainConfig
 from n4.config import ModelConfig
 
 
@@ -44,7 +44,8 @@ class RunSpec:
     def key(self, config: AblationConfig, corpus_fingerprint: str) -> str:
         """Return a hash of everything that determines this run's result."""
         train = config.to_dict()["train"]
-        train.pop("threads", None)
+        for name in TrainConfig.NOT_IN_KEYS:
+            train.pop(name, None)
         payload = {
             "model": self.model.to_dict(),
             "train": train,

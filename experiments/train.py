@@ -10,6 +10,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,12 @@ IGNORE_INDEX = -100  # a target with this id contributes neither loss nor token 
 
 # Called with (step, {metric name: value}) at every log and evaluation point.
 MetricsCallback = Callable[[int, dict[str, float]], None]
+
+# Called with (step, validation loss) after every evaluation after step 0. An exception raised by
+# it (such as optuna.TrialPruned) ends the run and propagates out of train_run.
+EvalCallback = Callable[[int, float], None]
+
+RESUME_FORMAT = 1  # version of the resume-state layout written by save_resume_state
 
 
 @dataclass
@@ -114,6 +121,32 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps)
 
 
+def save_resume_state(path: Path, state: dict) -> None:
+    """Write a resume state with torch.save through a temporary file, so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_resume_state(path: Path, resume_key: str) -> dict | None:
+    """Return the resume state at ``path``, or None when there is none or it belongs to another run.
+
+    Loaded with ``weights_only=True``, so nothing but tensors and plain containers is unpickled.
+    """
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - an unreadable state means "start from step 0"
+        logger.warning("resume state %s is unreadable (%s); the run starts from step 0", path, error)
+        return None
+    if state.get("format") != RESUME_FORMAT or state.get("resume_key") != resume_key:
+        logger.warning("resume state %s belongs to another run or format; the run starts from step 0", path)
+        return None
+    return state
+
+
 class PeakMemory:
     """Peak memory of one run in MiB: CUDA's allocator peak, or the process's peak RSS on CPU.
 
@@ -170,12 +203,22 @@ def train_run(
     seed: int,
     on_metrics: MetricsCallback | None = None,
     progress: Callable[[int, float], None] | None = None,
+    on_eval: EvalCallback | None = None,
+    resume_path: Path | None = None,
+    resume_key: str = "",
 ) -> RunResult:
     """Train one model and return its result; a non-finite loss ends the run as failed.
 
     ``batches.batch(i)`` returns the i-th micro-batch (B, T + 1) of the shared data order, so
     every run of an ablation reads the same tokens in the same order. ``seed`` only initialises
     the model (and dropout).
+
+    With ``resume_path``, the run saves its full state there every ``train.checkpoint_interval``
+    steps: model, optimizer, scheduler, random number generators, the validation history and the
+    step, which is also the position in the data. A later call with the same path and
+    ``resume_key`` continues from that state, so that in float32 on CPU the resumed run gives the
+    same losses as an uninterrupted one. Metrics are reported again only for steps after the
+    saved one. The caller removes the file once the run has ended.
     """
     on_metrics = on_metrics or (lambda step, metrics: None)
     device = resolve_device(train.device)
@@ -207,22 +250,61 @@ def train_run(
     memory = PeakMemory(device)
     fingerprint = hashlib.sha256(val_windows.numpy().tobytes())
     tokens_per_step = train.tokens_per_step
-
-    # Step 0: the loss of the untrained model, so every curve starts from the same point.
+    checkpoint_interval = train.checkpoint_interval or train.eval_interval
     start_time = time.perf_counter()
-    val_loss = evaluate(forward_model, val_windows, train.eval_batch_size, device, autocast)
-    result.initial_val_loss = val_loss
-    result.val_history.append((0, val_loss))
-    on_metrics(0, {"val/loss": val_loss})
-
     train_time = 0.0
+    first_step = 1
+
+    state = load_resume_state(resume_path, resume_key) if resume_path is not None else None
+    if state is not None:
+        # Continue after the saved step. The data position is the step itself, because batch i
+        # is computed from i alone; the fingerprint is rebuilt from the batches already read.
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first_step = int(state["step"]) + 1
+        result.steps_done = int(state["step"])
+        result.val_history = [(int(step), float(loss)) for step, loss in state["val_history"]]
+        result.initial_val_loss = result.val_history[0][1]
+        train_time = float(state["train_time"])
+        start_time -= float(state["wall_s"])
+        for index in range((first_step - 1) * train.grad_accum):
+            fingerprint.update(batches.batch(index).numpy().tobytes())
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        logger.info("resuming from step %d (%s)", result.steps_done, resume_path)
+    else:
+        # Step 0: the loss of the untrained model, so every curve starts from the same point.
+        val_loss = evaluate(forward_model, val_windows, train.eval_batch_size, device, autocast)
+        result.initial_val_loss = val_loss
+        result.val_history.append((0, val_loss))
+        on_metrics(0, {"val/loss": val_loss})
+
+    def save_state(step: int) -> None:
+        state = {
+            "format": RESUME_FORMAT,
+            "resume_key": resume_key,
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "val_history": [[s, v] for s, v in result.val_history],
+            "train_time": train_time,
+            "wall_s": time.perf_counter() - start_time,
+        }
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        save_resume_state(resume_path, state)
+
     window_time = 0.0
     window_tokens = 0
     pending_losses: list[torch.Tensor] = []
-    pending_first_step = 1
+    pending_first_step = first_step
     model.train()
     try:
-        for step in range(1, train.steps + 1):
+        for step in range(first_step, train.steps + 1):
             step_start = time.perf_counter()
 
             # Forward and backward over the micro-batches. Each micro-batch's summed loss is
@@ -259,10 +341,12 @@ def train_run(
             window_tokens += tokens_per_step
             result.steps_done = step
 
-            # Log at step 1, every log_interval steps and at the end. Losses stay on the device
-            # between log points, so the loop does not wait for the device on every step.
+            # Log at step 1, every log_interval steps, before each resume state and at the end.
+            # Losses stay on the device between log points, so the loop does not wait for the
+            # device on every step.
             is_eval = step % train.eval_interval == 0 or step == train.steps
-            if step == 1 or step % train.log_interval == 0 or is_eval:
+            is_checkpoint = resume_path is not None and step % checkpoint_interval == 0 and step < train.steps
+            if step == 1 or step % train.log_interval == 0 or is_eval or is_checkpoint:
                 values = torch.stack(pending_losses).tolist()
                 for offset, value in enumerate(values):
                     if not math.isfinite(value):
@@ -290,6 +374,11 @@ def train_run(
                     raise NonFiniteLossError(step, val_loss)
                 result.val_history.append((step, val_loss))
                 on_metrics(step, {"val/loss": val_loss})
+                if on_eval is not None:
+                    on_eval(step, val_loss)
+
+            if is_checkpoint:
+                save_state(step)
     except NonFiniteLossError as error:
         result.status = "failed"
         result.failed_step = error.step

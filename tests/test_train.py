@@ -178,3 +178,52 @@ def test_compiled_training_matches_eager():
     compiled = train_run(tiny_model_config(), tiny_train_config(steps=3, eval_interval=3, compile=True), FixedBatches(windows, 4), windows, seed=0)
     assert compiled.status == "finished"
     assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-4)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path):
+    windows = torch.randint(0, VOCAB, (16, 9))
+    # Dropout makes the random number generator part of the state to restore.
+    model = tiny_model_config(dropout=0.1)
+    train = tiny_train_config(steps=12, eval_interval=3, log_interval=2, checkpoint_interval=4, warmup_steps=2, grad_clip=1.0)
+    reference = train_run(model, train, FixedBatches(windows, 4), windows[:4], seed=0)
+
+    path = tmp_path / "resume.pt"
+
+    def crash_at_step_9(step, val_loss):
+        if step == 9:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_run(model, train, FixedBatches(windows, 4), windows[:4], 0, on_eval=crash_at_step_9, resume_path=path, resume_key="k")
+    assert torch.load(path, weights_only=True)["step"] == 8
+
+    logged = []
+    resumed = train_run(model, train, FixedBatches(windows, 4), windows[:4], 0, on_metrics=lambda s, m: logged.append(s),
+                        resume_path=path, resume_key="k")
+    assert resumed.status == "finished"
+    assert resumed.steps_done == 12
+    assert min(logged) == 9
+    assert resumed.final_val_loss == pytest.approx(reference.final_val_loss, abs=1e-4)
+    assert [step for step, _ in resumed.val_history] == [step for step, _ in reference.val_history]
+    for (_, got), (_, expected) in zip(resumed.val_history, reference.val_history):
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert resumed.data_fingerprint == reference.data_fingerprint
+    for name, weight in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], weight, atol=1e-5, rtol=0)
+
+
+def test_resume_state_of_other_run_ignored(tmp_path):
+    windows = torch.randint(0, VOCAB, (8, 9))
+    train = tiny_train_config(steps=4, eval_interval=2, checkpoint_interval=2)
+    path = tmp_path / "resume.pt"
+    first = train_run(tiny_model_config(), train, FixedBatches(windows, 4), windows[:2], 0, resume_path=path, resume_key="a")
+    assert torch.load(path, weights_only=True)["step"] == 2
+    logged = []
+    other = train_run(tiny_model_config(), train, FixedBatches(windows, 4), windows[:2], 0, on_metrics=lambda s, m: logged.append(s),
+                      resume_path=path, resume_key="b")
+    assert min(logged) == 0
+    assert other.final_val_loss == pytest.approx(first.final_val_loss, abs=1e-6)
