@@ -4,11 +4,16 @@
 frame, for throughput) into one row per variant. Intervals are two-sided t-intervals over seeds
 at ``confidence`` (95% by default); a statistic over one seed has no interval (NaN). Failed runs
 stay in the table: a variant whose runs all failed is a row with status ``failed`` and the reason.
+
+``seed_statistics`` computes per-variant statistics over seeds from the runner's ``summary.csv``
+instead, with no MLflow store, and ``write_seed_statistics`` writes them next to that file.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.runs import AXES
+from analysis.runs import AXES, variant_label
 
 CONFIDENCE = 0.95
 
@@ -425,5 +430,206 @@ def write_tables(table: pd.DataFrame, out_dir: str | Path, stem: str = "final_re
     for extension, text in outputs.items():
         path = out_dir / f"{stem}.{extension}"
         path.write_text(text)
+        paths.append(path)
+    return paths
+
+
+# Seed statistics from the runner's summary table.
+
+# Columns of seed_statistics.csv. The interval columns belong to the two-sided t-interval at the
+# chosen confidence, and the delta_* columns to the paired difference to the baseline.
+SEED_STATISTICS_COLUMNS = [
+    "label", *AXES, "is_baseline", "n_seeds", "n_finished",
+    "mean_val_loss", "std_val_loss", "ci_low", "ci_high", "ci_half_width",
+    "delta_vs_baseline", "delta_ci_low", "delta_ci_high", "delta_ci_half_width", "n_pairs",
+]
+SUMMARY_REQUIRED_COLUMNS = (*AXES, "seed", "final_val_loss", "status", "is_baseline")
+
+
+def _parse_flag(value: object) -> bool:
+    """Read an ``is_baseline`` cell: a bool, the text ``True`` or ``False`` of a CSV read back, or empty (False)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return False
+    raise ValueError(f"invalid is_baseline value {value!r} in the summary; expected True or False")
+
+
+def _mean_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float, float]:
+    """Return (mean, interval low, interval high, half-width); the interval is NaN for fewer than 2 values."""
+    mean = float(values.mean()) if len(values) else math.nan
+    half_width = t_half_width(values, confidence)
+    return mean, mean - half_width, mean + half_width, half_width
+
+
+def _paired_delta(losses: pd.Series, baseline: pd.Series, confidence: float) -> dict:
+    """Return the delta_* columns and n_pairs for losses and baseline losses indexed by seed."""
+    seeds = sorted(set(losses.index) & set(baseline.index))
+    differences = (losses[seeds] - baseline[seeds]).to_numpy(dtype=float)
+    mean, low, high, half_width = _mean_interval(differences, confidence)
+    return {
+        "delta_vs_baseline": mean,
+        "delta_ci_low": low,
+        "delta_ci_high": high,
+        "delta_ci_half_width": half_width,
+        "n_pairs": len(seeds),
+    }
+
+
+def seed_statistics(summary: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Compute statistics of the final validation loss over seeds, one row per variant.
+
+    ``summary`` is the runner's summary table (``results/NAME/summary.csv``). A variant is one
+    combination of the axes, and the result has the columns ``SEED_STATISTICS_COLUMNS``. The
+    baseline (the variant of the rows with ``is_baseline`` true) comes first, then the variants in
+    order of first appearance.
+
+    Only runs with status ``finished`` and a finite loss count. A variant without such runs keeps
+    its row, with ``n_finished`` 0 and NaN statistics. If a seed of a variant has several rows, the
+    last one counts. The standard deviation is the sample one (ddof=1), and intervals are two-sided
+    t-intervals at ``confidence``. Both are NaN with fewer than two finished seeds. The delta_*
+    columns are paired by seed: the variant's loss minus the baseline's over the seeds that both
+    finished, averaged, with the t-interval of that mean. They are NaN for the baseline itself and
+    without pairs, and ``n_pairs`` is then 0.
+
+    Raises ValueError if a column is missing, ``confidence`` is not between 0 and 1, an
+    ``is_baseline`` value is not a boolean, or rows of more than one variant are marked baseline.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence!r}")
+    missing = [column for column in SUMMARY_REQUIRED_COLUMNS if column not in summary.columns]
+    if missing:
+        raise ValueError(f"summary is missing the columns {', '.join(missing)}; pass the runner's summary.csv")
+    if summary.empty:
+        return pd.DataFrame(columns=SEED_STATISTICS_COLUMNS)
+
+    runs = summary[list(SUMMARY_REQUIRED_COLUMNS)].reset_index(drop=True)
+    runs["is_baseline"] = runs["is_baseline"].map(_parse_flag).astype(bool)
+    runs["final_val_loss"] = pd.to_numeric(runs["final_val_loss"], errors="coerce").astype(float)
+    runs["label"] = [variant_label(row) for _, row in runs.iterrows()]
+
+    baseline_labels = list(dict.fromkeys(runs.loc[runs["is_baseline"], "label"]))
+    if len(baseline_labels) > 1:
+        raise ValueError(f"rows of several variants are marked is_baseline: {'; '.join(baseline_labels)}; expected one baseline")
+    labels = list(dict.fromkeys(runs["label"]))
+    labels.sort(key=lambda label: label not in baseline_labels)  # stable: baseline first, then plan order
+
+    runs = runs.drop_duplicates(["label", "seed"], keep="last")
+    finished = runs[(runs["status"] == "finished") & np.isfinite(runs["final_val_loss"])]
+    baseline_losses = (
+        finished[finished["label"] == baseline_labels[0]].set_index("seed")["final_val_loss"]
+        if baseline_labels else None
+    )
+
+    rows = []
+    for label in labels:
+        group = runs[runs["label"] == label]
+        losses = finished[finished["label"] == label].set_index("seed")["final_val_loss"]
+        values = losses.to_numpy(dtype=float)
+        is_baseline = label in baseline_labels
+        mean, low, high, half_width = _mean_interval(values, confidence)
+        row = {
+            "label": label,
+            **{axis: group.iloc[0][axis] for axis in AXES},
+            "is_baseline": is_baseline,
+            "n_seeds": len(group),
+            "n_finished": len(values),
+            "mean_val_loss": mean,
+            "std_val_loss": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+            "ci_low": low,
+            "ci_high": high,
+            "ci_half_width": half_width,
+        }
+        if is_baseline or baseline_losses is None:
+            row.update(_paired_delta(pd.Series(dtype=float), pd.Series(dtype=float), confidence))
+        else:
+            row.update(_paired_delta(losses, baseline_losses, confidence))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=SEED_STATISTICS_COLUMNS)
+
+
+def _seed_variant_name(row: pd.Series, baseline: pd.Series | None) -> str:
+    """Return ``axis=value`` for a variant that differs from the baseline in one axis, else the full label."""
+    if row["is_baseline"]:
+        return f"{row['label']} (baseline)"
+    axis = changed_axis(row, baseline)
+    return f"{axis}={row[axis]}" if axis else row["label"]
+
+
+def _number(value: float, template: str) -> str:
+    return "—" if pd.isna(value) else template.format(value)
+
+
+def seed_statistics_markdown(table: pd.DataFrame, confidence: float = CONFIDENCE) -> str:
+    """Return the ``seed_statistics`` table as GitHub Markdown with a note on the statistics."""
+    percent = f"{confidence:.0%}"
+    headers = [
+        "variant", "seeds finished", f"val loss ± {percent} CI", "std", f"{percent} CI",
+        f"Δ vs baseline ± {percent} CI", "pairs",
+    ]
+    baseline_rows = table[table["is_baseline"].astype(bool)]
+    baseline = baseline_rows.iloc[0] if not baseline_rows.empty else None
+
+    lines = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
+    for _, row in table.iterrows():
+        mean = _number(row["mean_val_loss"], "{:.4f}")
+        if not pd.isna(row["mean_val_loss"]) and not pd.isna(row["ci_half_width"]):
+            mean += f" ± {row['ci_half_width']:.4f}"
+        interval = "—" if pd.isna(row["ci_low"]) else f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+        delta = _number(row["delta_vs_baseline"], "{:+.4f}")
+        if not pd.isna(row["delta_vs_baseline"]) and not pd.isna(row["delta_ci_half_width"]):
+            delta += f" ± {row['delta_ci_half_width']:.4f}"
+        cells = [
+            _seed_variant_name(row, baseline).replace("|", "\\|"),
+            f"{row['n_finished']}/{row['n_seeds']}",
+            mean,
+            _number(row["std_val_loss"], "{:.4f}"),
+            interval,
+            delta,
+            str(row["n_pairs"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    notes = [
+        f"Final validation loss (nats/token) over the finished seeds. ± is the half-width of the {percent} "
+        "two-sided t-interval and std the sample standard deviation (ddof=1); both need two finished seeds.",
+        "Δ is the variant's loss minus the baseline's, paired by seed over the seeds that both finished "
+        "(pairs), with the t-interval of its mean.",
+    ]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory, so readers never see half a file."""
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    temporary = Path(handle.name)
+    try:
+        with handle:
+            handle.write(text)
+        # NamedTemporaryFile creates the file readable by its owner only; give it the usual mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_seed_statistics(summary: pd.DataFrame, out_dir: str | Path, confidence: float = CONFIDENCE) -> list[Path]:
+    """Write ``seed_statistics.csv`` and ``seed_statistics.md`` of ``summary`` into ``out_dir``; return their paths.
+
+    Each file is replaced atomically. The CSV holds the unrounded ``seed_statistics`` table.
+    """
+    table = seed_statistics(summary, confidence)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {"csv": table.to_csv(index=False), "md": seed_statistics_markdown(table, confidence)}
+    paths = []
+    for extension, text in outputs.items():
+        path = out_dir / f"seed_statistics.{extension}"
+        _write_atomic(path, text)
         paths.append(path)
     return paths

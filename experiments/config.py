@@ -85,6 +85,22 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * self.seq_len
 
 
+TUNABLE = ("lr",)  # hyperparameters that --tune can search
+
+
+@dataclass
+class TuneConfig:
+    """Per-variant hyperparameter search with Optuna (``--tune lr --trials N``)."""
+
+    params: list[str] = field(default_factory=list)  # what to tune; empty: no tuning, use train.lr
+    trials: int = 8  # finished (complete or pruned) trials per variant
+    lr_min: float = 1e-4  # the learning rate is drawn log-uniformly from [lr_min, lr_max]
+    lr_max: float = 3e-2
+    sampler_seed: int = 0  # seed of the TPE sampler, so a study is reproducible
+    startup_trials: int = 3  # trials per study that run to the end before pruning starts
+    pruning_warmup_steps: int | None = None  # steps before a trial can be pruned; None: train.steps // 4
+
+
 @dataclass
 class AblationConfig:
     """One ablation: data, sizes, training settings, the baseline and the axes varied around it."""
@@ -95,6 +111,7 @@ class AblationConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSizes = field(default_factory=ModelSizes)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     baseline: dict[str, str] = field(
         default_factory=lambda: {"attention": "n4", "mlp": "asgg", "norm": "dyt", "position": AUTO_POSITION}
     )
@@ -124,6 +141,7 @@ class AblationConfig:
     save_checkpoints: bool = True  # save each finished model (safetensors + config) to results and MLflow
     results_dir: str = "results"
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<results_dir>/mlflow.db
+    optuna_storage: str | None = None  # None: $N4_OPTUNA_STORAGE, else sqlite:///<results_dir>/optuna.db
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,7 +150,7 @@ class AblationConfig:
         """Return a hash of every setting that changes what the ablation computes."""
         values = self.to_dict()
         values["data"].pop("cache_dir", None)
-        for key in ("results_dir", "tracking_uri", "preset"):
+        for key in ("results_dir", "tracking_uri", "optuna_storage", "preset"):
             values.pop(key, None)
         for key in TrainConfig.NOT_IN_KEYS:
             values["train"].pop(key, None)
@@ -176,7 +194,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-_SECTIONS = {"data": DataConfig, "model": ModelSizes, "train": TrainConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelSizes, "train": TrainConfig, "tune": TuneConfig}
 
 
 def _field_names(cls: type) -> list[str]:
@@ -399,4 +417,19 @@ def validate(config: AblationConfig) -> None:
             f"model.max_seq_len={config.model.max_seq_len} is below train.seq_len={train.seq_len}; "
             f"raise model.max_seq_len or lower train.seq_len"
         )
+    validate_tune(config.tune, train)
     config.data.validate()
+
+
+def validate_tune(tune: TuneConfig, train: TrainConfig) -> None:
+    if not isinstance(tune.params, list) or any(param not in TUNABLE for param in tune.params):
+        raise ValueError(f"tune.params={tune.params!r} is invalid; allowed: a list of {', '.join(TUNABLE)}")
+    for key in ("trials", "startup_trials"):
+        value = getattr(tune, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "trials" else 0):
+            raise ValueError(f"tune.{key}={value!r} is invalid: expected an integer >= {1 if key == 'trials' else 0}")
+    if not (isinstance(tune.lr_min, (int, float)) and isinstance(tune.lr_max, (int, float)) and 0 < tune.lr_min < tune.lr_max):
+        raise ValueError(f"tune.lr_min={tune.lr_min!r} and tune.lr_max={tune.lr_max!r} are invalid: expected 0 < lr_min < lr_max")
+    warmup = tune.pruning_warmup_steps
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= train.steps):
+        raise ValueError(f"tune.pruning_warmup_steps={warmup!r} is invalid: expected an integer in [0, train.steps={train.steps}] or null")
