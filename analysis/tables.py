@@ -447,14 +447,14 @@ SUMMARY_REQUIRED_COLUMNS = (*AXES, "seed", "final_val_loss", "status", "is_basel
 
 
 def _parse_flag(value: object) -> bool:
-    """Read an ``is_baseline`` cell: a bool, the text ``True`` or ``False`` of a CSV read back, or empty (False)."""
+    """Parse an ``is_baseline`` cell: a bool, the text ``True`` or ``False`` of a CSV read back, or empty (False)."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     if pd.api.types.is_scalar(value) and pd.isna(value):
         return False
-    raise ValueError(f"invalid is_baseline value {value!r} in the summary; expected True or False")
+    raise ValueError(f"invalid is_baseline value {value!r} in the summary. Expected True or False.")
 
 
 def _mean_interval(values: np.ndarray, confidence: float) -> tuple[float, float, float, float]:
@@ -501,7 +501,7 @@ def seed_statistics(summary: pd.DataFrame, confidence: float = CONFIDENCE) -> pd
         raise ValueError(f"confidence must be between 0 and 1, got {confidence!r}")
     missing = [column for column in SUMMARY_REQUIRED_COLUMNS if column not in summary.columns]
     if missing:
-        raise ValueError(f"summary is missing the columns {', '.join(missing)}; pass the runner's summary.csv")
+        raise ValueError(f"summary is missing the columns {', '.join(missing)}. Pass the runner's summary.csv.")
     if summary.empty:
         return pd.DataFrame(columns=SEED_STATISTICS_COLUMNS)
 
@@ -512,9 +512,10 @@ def seed_statistics(summary: pd.DataFrame, confidence: float = CONFIDENCE) -> pd
 
     baseline_labels = list(dict.fromkeys(runs.loc[runs["is_baseline"], "label"]))
     if len(baseline_labels) > 1:
-        raise ValueError(f"rows of several variants are marked is_baseline: {'; '.join(baseline_labels)}; expected one baseline")
+        raise ValueError(f"rows of several variants are marked is_baseline ({'; '.join(baseline_labels)}). Expected one baseline.")
     labels = list(dict.fromkeys(runs["label"]))
-    labels.sort(key=lambda label: label not in baseline_labels)  # stable: baseline first, then plan order
+    # The sort is stable, so the baseline moves first and the other variants keep plan order.
+    labels.sort(key=lambda label: label not in baseline_labels)
 
     runs = runs.drop_duplicates(["label", "seed"], keep="last")
     finished = runs[(runs["status"] == "finished") & np.isfinite(runs["final_val_loss"])]
@@ -594,7 +595,7 @@ def seed_statistics_markdown(table: pd.DataFrame, confidence: float = CONFIDENCE
 
     notes = [
         f"Final validation loss (nats/token) over the finished seeds. ± is the half-width of the {percent} "
-        "two-sided t-interval and std the sample standard deviation (ddof=1); both need two finished seeds.",
+        "two-sided t-interval and std the sample standard deviation (ddof=1). Both need two finished seeds.",
         "Δ is the variant's loss minus the baseline's, paired by seed over the seeds that both finished "
         "(pairs), with the t-interval of its mean.",
     ]
@@ -621,7 +622,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_seed_statistics(summary: pd.DataFrame, out_dir: str | Path, confidence: float = CONFIDENCE) -> list[Path]:
     """Write ``seed_statistics.csv`` and ``seed_statistics.md`` of ``summary`` into ``out_dir``; return their paths.
 
-    Each file is replaced atomically. The CSV holds the unrounded ``seed_statistics`` table.
+    Each file is replaced atomically. The CSV contains the unrounded ``seed_statistics`` table.
     """
     table = seed_statistics(summary, confidence)
     out_dir = Path(out_dir)

@@ -5,6 +5,8 @@ known values, so every statistic can be checked against a formula written here.
 """
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +18,7 @@ from scipy import stats
 from analysis.figures import curve_points
 from analysis.report import main, write_report
 from analysis.runs import load_history, load_runs
-from analysis.tables import variant_table
+from analysis.tables import SEED_STATISTICS_COLUMNS, seed_statistics, variant_table, write_seed_statistics
 from experiments.tracking import ABLATION_TAG, CONFIG_TAG, PARENT_TAG, RUN_KEY_TAG
 
 AXES = ("attention", "mlp", "norm", "position")
@@ -334,3 +336,328 @@ def test_report_bad_input(store, capsys, argv, message):
     assert main([*argv, "--tracking-uri", store["uri"], "--results-dir", str(store["root"] / "bad")]) == 2
     assert message in capsys.readouterr().err
     assert not (store["root"] / "bad").exists()
+
+
+# Seed statistics from summary.csv.
+
+NAN = math.nan
+BASELINE_LABEL = "attention=n4 mlp=asgg norm=dyt position=none"
+
+# (changed axis values, seed, final_val_loss, status), in the order the runner appended the rows.
+SUMMARY_ROWS = [
+    ({"attention": "mha"}, 0, 2.9, "finished"),  # before the baseline, which still comes first
+    ({}, 0, 3.0, "finished"),
+    ({}, 1, 3.2, "finished"),
+    ({}, 2, 3.1, "finished"),
+    ({"attention": "mha"}, 1, 9.9, "finished"),  # duplicate of seed 1: the next row replaces it
+    ({"attention": "mha"}, 1, 3.05, "finished"),
+    ({"attention": "mha"}, 2, 3.3, "finished"),
+    ({"mlp": "swiglu"}, 0, 3.15, "finished"),
+    ({"mlp": "swiglu"}, 1, 2.0, "finished"),  # duplicate of seed 1: the failed row after it replaces it
+    ({"mlp": "swiglu"}, 1, 2.5, "failed"),  # a failed run with a finite loss, which is left out
+    ({"mlp": "swiglu"}, 2, 3.0, "finished"),
+    ({"norm": "layernorm"}, 1, 3.4, "finished"),
+    ({"norm": "rmsnorm"}, 0, NAN, "failed"),
+    ({"norm": "rmsnorm"}, 1, 4.0, "failed"),
+    ({"norm": "rmsnorm"}, 2, NAN, "failed"),
+    ({"attention": "mha", "position": "rope"}, 0, 2.95, "finished"),
+    ({"attention": "mha", "position": "rope"}, 1, 3.0, "finished"),
+    ({"attention": "mha", "position": "rope"}, 3, 3.5, "finished"),  # the baseline has no seed 3
+]
+SEED_LABELS = [
+    BASELINE_LABEL,
+    "attention=mha mlp=asgg norm=dyt position=none",
+    "attention=n4 mlp=swiglu norm=dyt position=none",
+    "attention=n4 mlp=asgg norm=layernorm position=none",
+    "attention=n4 mlp=asgg norm=rmsnorm position=none",
+    "attention=mha mlp=asgg norm=dyt position=rope",
+]
+# Finished losses per variant label, by seed.
+FINISHED_LOSSES = {
+    BASELINE_LABEL: {0: 3.0, 1: 3.2, 2: 3.1},
+    SEED_LABELS[1]: {0: 2.9, 1: 3.05, 2: 3.3},
+    SEED_LABELS[2]: {0: 3.15, 2: 3.0},
+    SEED_LABELS[3]: {1: 3.4},
+    SEED_LABELS[4]: {},
+    SEED_LABELS[5]: {0: 2.95, 1: 3.0, 3: 3.5},
+}
+
+
+def _summary(rows=SUMMARY_ROWS):
+    records = []
+    for changes, seed, loss, status in rows:
+        axes = {**BASELINE, **changes}
+        label = " ".join(f"{axis}={axes[axis]}" for axis in AXES)
+        records.append({
+            "run_name": f"{label} seed={seed}",
+            **axes,
+            "seed": seed,
+            "final_val_loss": loss,
+            "status": status,
+            "failure_reason": "" if status == "finished" else FAILURE,
+            "is_baseline": axes == BASELINE,
+        })
+    return pd.DataFrame(records)
+
+
+def _textbook(values, confidence=0.95):
+    """Return (mean, sample std, t half-width) written out from their definitions."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1))
+    half_width = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+    return mean, std, half_width
+
+
+def _differences(label):
+    losses, baseline = FINISHED_LOSSES[label], FINISHED_LOSSES[BASELINE_LABEL]
+    return [losses[seed] - baseline[seed] for seed in sorted(losses) if seed in baseline]
+
+
+@pytest.fixture
+def seed_table():
+    return seed_statistics(_summary()).set_index("label")
+
+
+def test_seed_stats_order_and_counts(seed_table):
+    assert list(seed_table.index) == SEED_LABELS
+    assert list(seed_table["is_baseline"]) == [True, False, False, False, False, False]
+    assert list(seed_table["n_seeds"]) == [3, 3, 3, 1, 3, 3]
+    assert list(seed_table["n_finished"]) == [3, 3, 2, 1, 0, 3]
+    assert list(seed_table["n_pairs"]) == [0, 3, 2, 1, 0, 2]
+    assert list(seed_table["attention"]) == ["n4", "mha", "n4", "n4", "n4", "mha"]
+    assert list(seed_table["position"]) == ["none"] * 5 + ["rope"]
+
+
+def test_seed_stats_columns(seed_table):
+    assert list(seed_table.reset_index().columns) == SEED_STATISTICS_COLUMNS
+
+
+def test_seed_stats_mean_and_interval(seed_table):
+    for label in (BASELINE_LABEL, SEED_LABELS[1], SEED_LABELS[2], SEED_LABELS[5]):
+        mean, std, half_width = _textbook(list(FINISHED_LOSSES[label].values()))
+        row = seed_table.loc[label]
+        assert row["mean_val_loss"] == pytest.approx(mean, abs=1e-12), label
+        assert row["std_val_loss"] == pytest.approx(std, abs=1e-12), label
+        assert row["ci_half_width"] == pytest.approx(half_width, abs=1e-12), label
+        assert row["ci_low"] == pytest.approx(mean - half_width, abs=1e-12), label
+        assert row["ci_high"] == pytest.approx(mean + half_width, abs=1e-12), label
+
+
+def test_seed_stats_baseline_numbers(seed_table):
+    # Losses 3.0, 3.2, 3.1: mean 3.1, squared deviations 0.01 + 0.01 + 0, so s = sqrt(0.02 / 2) = 0.1.
+    row = seed_table.loc[BASELINE_LABEL]
+    assert row["mean_val_loss"] == pytest.approx(3.1, abs=1e-12)
+    assert row["std_val_loss"] == pytest.approx(0.1, abs=1e-12)
+    assert row["ci_half_width"] == pytest.approx(4.302652729749464 * 0.1 / math.sqrt(3), abs=1e-9)
+
+
+def test_seed_stats_paired_differences(seed_table):
+    assert _differences(SEED_LABELS[1]) == pytest.approx([-0.1, -0.15, 0.2], abs=1e-12)
+    assert _differences(SEED_LABELS[2]) == pytest.approx([0.15, -0.1], abs=1e-12)
+    assert _differences(SEED_LABELS[5]) == pytest.approx([-0.05, -0.2], abs=1e-12)
+    for label in (SEED_LABELS[1], SEED_LABELS[2], SEED_LABELS[5]):
+        differences = _differences(label)
+        mean, _, half_width = _textbook(differences)
+        row = seed_table.loc[label]
+        assert row["n_pairs"] == len(differences), label
+        assert row["delta_vs_baseline"] == pytest.approx(mean, abs=1e-12), label
+        assert row["delta_ci_half_width"] == pytest.approx(half_width, abs=1e-12), label
+        assert row["delta_ci_low"] == pytest.approx(mean - half_width, abs=1e-12), label
+        assert row["delta_ci_high"] == pytest.approx(mean + half_width, abs=1e-12), label
+
+
+def test_seed_stats_baseline_has_no_delta(seed_table):
+    row = seed_table.loc[BASELINE_LABEL]
+    for column in ("delta_vs_baseline", "delta_ci_low", "delta_ci_high", "delta_ci_half_width"):
+        assert math.isnan(row[column]), column
+    assert row["n_pairs"] == 0
+
+
+def test_seed_stats_single_seed_is_nan(seed_table):
+    row = seed_table.loc[SEED_LABELS[3]]
+    assert row["mean_val_loss"] == 3.4
+    assert row["delta_vs_baseline"] == pytest.approx(3.4 - 3.2, abs=1e-12)
+    for column in ("std_val_loss", "ci_low", "ci_high", "ci_half_width", "delta_ci_low", "delta_ci_high", "delta_ci_half_width"):
+        assert math.isnan(row[column]), column
+
+
+def test_seed_stats_all_failed_variant(seed_table):
+    row = seed_table.loc[SEED_LABELS[4]]
+    assert row["n_seeds"] == 3
+    assert row["n_finished"] == 0
+    assert row["n_pairs"] == 0
+    for column in ("mean_val_loss", "std_val_loss", "ci_low", "ci_high", "ci_half_width", "delta_vs_baseline", "delta_ci_half_width"):
+        assert math.isnan(row[column]), column
+
+
+def test_seed_stats_last_duplicate_counts():
+    rows = [
+        ({}, 0, 3.0, "finished"),
+        ({"attention": "mha"}, 0, 9.9, "finished"),
+        ({"attention": "mha"}, 0, 2.5, "finished"),
+        ({"mlp": "gelu"}, 0, 2.0, "finished"),
+        ({"mlp": "gelu"}, 0, NAN, "failed"),
+    ]
+    table = seed_statistics(_summary(rows)).set_index("label")
+    mha = table.loc["attention=mha mlp=asgg norm=dyt position=none"]
+    assert mha["n_seeds"] == 1
+    assert mha["mean_val_loss"] == 2.5
+    assert mha["delta_vs_baseline"] == pytest.approx(-0.5, abs=1e-12)
+    gelu = table.loc["attention=n4 mlp=gelu norm=dyt position=none"]
+    assert gelu["n_finished"] == 0
+    assert math.isnan(gelu["mean_val_loss"])
+
+
+def test_seed_stats_finished_without_loss():
+    rows = [({}, 0, 3.0, "finished"), ({}, 1, NAN, "finished"), ({}, 2, 3.2, "finished")]
+    row = seed_statistics(_summary(rows)).iloc[0]
+    assert row["n_seeds"] == 3
+    assert row["n_finished"] == 2
+    assert row["mean_val_loss"] == pytest.approx(3.1, abs=1e-12)
+
+
+def test_seed_stats_text_baseline_flags(tmp_path):
+    expected = seed_statistics(_summary())
+    text = _summary().astype({"is_baseline": str})
+    assert set(text["is_baseline"]) == {"True", "False"}
+    pd.testing.assert_frame_equal(seed_statistics(text), expected)
+
+    # The runner reads summary.csv back with these options. With an empty cell, is_baseline stays text.
+    path = tmp_path / "summary.csv"
+    with_blank = _summary()
+    with_blank["is_baseline"] = with_blank["is_baseline"].astype(object)
+    with_blank.loc[len(with_blank) - 1, "is_baseline"] = None
+    with_blank.to_csv(path, index=False)
+    read_back = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    assert read_back["is_baseline"].dtype == object
+    table = seed_statistics(read_back).set_index("label")
+    assert list(table["is_baseline"]) == [True, False, False, False, False, False]
+    assert table.loc[SEED_LABELS[1], "delta_vs_baseline"] == pytest.approx(np.mean(_differences(SEED_LABELS[1])), abs=1e-12)
+
+
+def test_seed_stats_confidence_level():
+    table = seed_statistics(_summary(), confidence=0.9).set_index("label")
+    _, _, half_width = _textbook(list(FINISHED_LOSSES[BASELINE_LABEL].values()), confidence=0.9)
+    assert table.loc[BASELINE_LABEL, "ci_half_width"] == pytest.approx(stats.t.ppf(0.95, 2) * 0.1 / math.sqrt(3), abs=1e-12)
+    assert table.loc[BASELINE_LABEL, "ci_half_width"] == pytest.approx(half_width, abs=1e-12)
+    _, _, delta_half_width = _textbook(_differences(SEED_LABELS[1]), confidence=0.9)
+    assert table.loc[SEED_LABELS[1], "delta_ci_half_width"] == pytest.approx(delta_half_width, abs=1e-12)
+
+
+def test_seed_stats_without_baseline():
+    summary = _summary()
+    summary["is_baseline"] = False
+    table = seed_statistics(summary)
+    assert list(table["label"]) == [SEED_LABELS[1], BASELINE_LABEL, *SEED_LABELS[2:]]
+    assert not table["is_baseline"].any()
+    assert table["delta_vs_baseline"].isna().all()
+    assert (table["n_pairs"] == 0).all()
+
+
+def test_seed_stats_empty_summary():
+    table = seed_statistics(_summary([]).reindex(columns=["run_name", *AXES, "seed", "final_val_loss", "status", "is_baseline"]))
+    assert table.empty
+    assert list(table.columns) == SEED_STATISTICS_COLUMNS
+
+
+def _two_baselines():
+    summary = _summary()
+    summary.loc[summary["norm"] == "layernorm", "is_baseline"] = True
+    return summary
+
+
+def _unreadable_flag():
+    summary = _summary().astype({"is_baseline": object})
+    summary.loc[0, "is_baseline"] = "yes"
+    return summary
+
+
+@pytest.mark.parametrize(
+    ("make_summary", "confidence", "message"),
+    [
+        (lambda: _summary().drop(columns=["status", "seed"]), 0.95, "missing the columns seed, status"),
+        (_two_baselines, 0.95, "several variants are marked is_baseline"),
+        (_unreadable_flag, 0.95, "invalid is_baseline value 'yes'"),
+        (_summary, 1.5, "confidence must be between 0 and 1, got 1.5"),
+    ],
+)
+def test_seed_stats_bad_input(make_summary, confidence, message):
+    with pytest.raises(ValueError, match=message):
+        seed_statistics(make_summary(), confidence)
+
+
+def _markdown_rows(text):
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| variant"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_seed_stats_files_round_trip(tmp_path):
+    out_dir = tmp_path / "results" / "abl"
+    paths = write_seed_statistics(_summary(), out_dir)
+    assert paths == [out_dir / "seed_statistics.csv", out_dir / "seed_statistics.md"]
+    assert sorted(path.name for path in out_dir.iterdir()) == ["seed_statistics.csv", "seed_statistics.md"]
+
+    expected = seed_statistics(_summary())
+    read_back = pd.read_csv(paths[0])
+    pd.testing.assert_frame_equal(read_back, expected, check_exact=True)
+
+    # A second write replaces both files and leaves no temporary file.
+    write_seed_statistics(_summary(SUMMARY_ROWS[1:4]), out_dir)
+    assert sorted(path.name for path in out_dir.iterdir()) == ["seed_statistics.csv", "seed_statistics.md"]
+    assert list(pd.read_csv(paths[0])["label"]) == [BASELINE_LABEL]
+    assert len(_markdown_rows(paths[1].read_text())) == 1
+
+
+def test_seed_stats_write_is_atomic(tmp_path, monkeypatch):
+    old_paths = write_seed_statistics(_summary(SUMMARY_ROWS[1:4]), tmp_path)
+    old_text = [path.read_text() for path in old_paths]
+    replaced = []
+    real_replace = os.replace
+
+    def recording_replace(source, target):
+        replaced.append((Path(source), Path(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    paths = write_seed_statistics(_summary(), tmp_path)
+    assert [target for _, target in replaced] == paths
+    for source, target in replaced:
+        assert source.parent == target.parent
+        assert source.name != target.name
+
+    def failing_replace(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_seed_statistics(_summary(SUMMARY_ROWS[1:4]), tmp_path)
+    assert paths[0].read_text() != old_text[0]
+    assert pd.read_csv(paths[0])["label"].tolist() == SEED_LABELS
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["seed_statistics.csv", "seed_statistics.md"]
+
+
+def test_seed_stats_markdown_cells(tmp_path):
+    _, markdown_path = write_seed_statistics(_summary(), tmp_path)
+    text = markdown_path.read_text()
+    rows = _markdown_rows(text)
+    assert list(rows) == [
+        f"{BASELINE_LABEL} (baseline)", "attention=mha", "mlp=swiglu", "norm=layernorm", "norm=rmsnorm",
+        "attention=mha mlp=asgg norm=dyt position=rope",
+    ]
+
+    mean, std, half_width = _textbook(list(FINISHED_LOSSES[SEED_LABELS[1]].values()))
+    delta, _, delta_half_width = _textbook(_differences(SEED_LABELS[1]))
+    assert rows["attention=mha"] == [
+        "3/3", f"{mean:.4f} ± {half_width:.4f}", f"{std:.4f}",
+        f"[{mean - half_width:.4f}, {mean + half_width:.4f}]", f"{delta:+.4f} ± {delta_half_width:.4f}", "3",
+    ]
+    assert rows[f"{BASELINE_LABEL} (baseline)"] == ["3/3", "3.1000 ± 0.2484", "0.1000", "[2.8516, 3.3484]", "—", "0"]
+    assert rows["norm=layernorm"] == ["1/1", "3.4000", "—", "—", "+0.2000", "1"]
+    assert rows["norm=rmsnorm"] == ["0/3", "—", "—", "—", "—", "0"]
+    assert "95% two-sided t-interval" in text
+    assert "sample standard deviation (ddof=1)" in text
