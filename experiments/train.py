@@ -1,5 +1,7 @@
 """The training loop of one run: AdamW, warm-up then cosine decay, clipping, accumulation, evaluation.
 
+Under torchrun the same loop trains with DistributedDataParallel (see ``train_run``).
+
 Shapes: B micro-batch size, T sequence length, V vocabulary size.
 """
 
@@ -18,7 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from experiments import distributed
 from experiments.config import TrainConfig
 from n4.config import ModelConfig
 from n4.model import CausalLM
@@ -147,6 +151,37 @@ def load_resume_state(path: Path, resume_key: str) -> dict | None:
     return state
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """Return this process's random number generator states, as stored in a resume state."""
+    state = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
+def check_same_resume_step(state: dict | None, resume_path: Path | None) -> None:
+    """Raise RuntimeError unless every rank loaded a resume state of the same step, or none."""
+    step = int(state["step"]) if state is not None else 0
+    steps = distributed.all_gather_object(step)
+    if len(set(steps)) > 1:
+        raise RuntimeError(
+            f"the ranks loaded resume states of different steps {steps} (by rank) from {resume_path}; "
+            f"put the resume state on a filesystem that every rank reads"
+        )
+
+
+def wrap_data_parallel(module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """Wrap ``module`` in DistributedDataParallel, which broadcasts rank 0's weights to every rank."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
 class PeakMemory:
     """Peak memory of one run in MiB: CUDA's allocator peak, or the process's peak RSS on CPU.
 
@@ -206,6 +241,7 @@ def train_run(
     on_eval: EvalCallback | None = None,
     resume_path: Path | None = None,
     resume_key: str = "",
+    before_checkpoint: Callable[[], None] | None = None,
 ) -> RunResult:
     """Train one model and return its result; a non-finite loss ends the run as failed.
 
@@ -219,9 +255,27 @@ def train_run(
     ``resume_key`` continues from that state, so that in float32 on CPU the resumed run gives the
     same losses as an uninterrupted one. Metrics are reported again only for steps after the
     saved one. The caller removes the file once the run has ended.
+
+    When a process group of W > 1 ranks is initialised (``distributed.init_from_env``), every
+    rank calls train_run with the same arguments and trains the model in DistributedDataParallel.
+    Rank r takes rows [r * B / W, (r + 1) * B / W) of each micro-batch, and the gradient and the
+    logged loss remain the token mean over the whole global step, so the run computes what a
+    single process computes, up to floating-point rounding. Only rank 0 evaluates, calls the
+    callbacks and writes resume states. Every rank reads the resume state from ``resume_path`` and
+    returns the same validation history and fingerprint.
     """
+    context = distributed.current_context()
+    world_size = context.world_size
+    if context.is_distributed:
+        distributed.check_divisible(train.batch_size, world_size)
+    if not context.is_main:
+        # NOTE: an exception raised by a callback leaves the other ranks waiting in their next
+        # collective until the launcher (torchrun) ends them after rank 0's process exits.
+        on_metrics, progress, on_eval = None, None, None
     on_metrics = on_metrics or (lambda step, metrics: None)
     device = resolve_device(train.device)
+    if context.is_distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # init_from_env set it from LOCAL_RANK
     if train.threads:
         torch.set_num_threads(train.threads)
     autocast_dtype = torch.bfloat16 if train.dtype == "bfloat16" else None
@@ -235,7 +289,14 @@ def train_run(
     torch.manual_seed(seed)
     model = CausalLM(model_config).to(device)
     # The compiled module shares its parameters with ``model``, which stays the one to save.
+    # DistributedDataParallel wraps the compiled module, so rank 0 evaluates the compiled module
+    # without the wrapper and its collectives.
     forward_model = torch.compile(model) if train.compile else model
+    train_model = wrap_data_parallel(forward_model, device) if context.is_distributed else forward_model
+    if context.is_distributed:
+        # Each rank draws its own dropout masks, because the ranks hold different rows. The CPU
+        # generator keeps only the low 32 bits of a seed, so the ranks get consecutive seeds.
+        torch.manual_seed(seed * world_size + context.rank)
     optimizer = build_optimizer(model, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, train.warmup_steps, train.steps, train.min_lr_ratio)
@@ -246,7 +307,8 @@ def train_run(
         non_embedding_params=model.num_parameters(exclude_embeddings=True),
         flops_per_token=float(model.flops_per_token(train.seq_len)),
     )
-    peak_flops = train.peak_flops or measured_peak_flops(device, autocast_dtype or torch.float32)
+    # The peak of all ranks together, since tokens_per_s counts the tokens of every rank.
+    peak_flops = (train.peak_flops or measured_peak_flops(device, autocast_dtype or torch.float32)) * world_size
     memory = PeakMemory(device)
     fingerprint = hashlib.sha256(val_windows.numpy().tobytes())
     tokens_per_step = train.tokens_per_step
@@ -255,7 +317,16 @@ def train_run(
     train_time = 0.0
     first_step = 1
 
+    def run_evaluation() -> float:
+        # Rank 0 evaluates and broadcasts the loss, so every rank records the same value.
+        val_loss = math.nan
+        if context.is_main:
+            val_loss = evaluate(forward_model, val_windows, train.eval_batch_size, device, autocast)
+        return distributed.broadcast_object(val_loss)
+
     state = load_resume_state(resume_path, resume_key) if resume_path is not None else None
+    if context.is_distributed:
+        check_same_resume_step(state, resume_path)
     if state is not None:
         # Continue after the saved step. The data position is the step itself, because batch i
         # is computed from i alone; the fingerprint is rebuilt from the batches already read.
@@ -270,18 +341,25 @@ def train_run(
         start_time -= float(state["wall_s"])
         for index in range((first_step - 1) * train.grad_accum):
             fingerprint.update(batches.batch(index).numpy().tobytes())
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        if context.is_distributed and len(state.get("rng_ranks", [])) == world_size:
+            set_rng_state(state["rng_ranks"][context.rank], device)
+        else:
+            # When one process or another number of ranks saved the state, every rank takes the
+            # generators of the process or rank 0 that saved it.
+            set_rng_state(state, device)
         logger.info("resuming from step %d (%s)", result.steps_done, resume_path)
     else:
         # Step 0: the loss of the untrained model, so every curve starts from the same point.
-        val_loss = evaluate(forward_model, val_windows, train.eval_batch_size, device, autocast)
+        val_loss = run_evaluation()
         result.initial_val_loss = val_loss
         result.val_history.append((0, val_loss))
         on_metrics(0, {"val/loss": val_loss})
 
     def save_state(step: int) -> None:
+        # Every rank calls this, because the generator states are gathered from all ranks.
+        rng_ranks = distributed.all_gather_object(rng_state(device)) if context.is_distributed else None
+        if not context.is_main:
+            return
         state = {
             "format": RESUME_FORMAT,
             "resume_key": resume_key,
@@ -289,13 +367,13 @@ def train_run(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+            **rng_state(device),
             "val_history": [[s, v] for s, v in result.val_history],
             "train_time": train_time,
             "wall_s": time.perf_counter() - start_time,
         }
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
         save_resume_state(resume_path, state)
 
     window_time = 0.0
@@ -312,18 +390,33 @@ def train_run(
             # mean over the step rather than a mean of micro-batch means. Targets equal to
             # IGNORE_INDEX, such as padding, are not counted.
             micro_batches = [batches.batch((step - 1) * train.grad_accum + micro) for micro in range(train.grad_accum)]
-            step_tokens = sum(int((batch[:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches)
+            local_batches = micro_batches
+            if context.is_distributed:
+                local_batches = [distributed.local_rows(batch, context.rank, world_size) for batch in micro_batches]
+            step_tokens = sum(int((batch[:, 1:] != IGNORE_INDEX).sum()) for batch in local_batches)
+            if context.is_distributed:
+                # Sum the counted tokens over the ranks, so the mean is over the global step.
+                step_tokens = int(distributed.all_reduce_sum(torch.tensor(step_tokens, device=device)).item())
             step_loss = torch.zeros((), device=device)
-            for batch in micro_batches:
-                fingerprint.update(batch.numpy().tobytes())
+            for index, (global_batch, batch) in enumerate(zip(micro_batches, local_batches)):
+                fingerprint.update(global_batch.numpy().tobytes())
                 batch = batch.to(device, non_blocking=True)
                 inputs, targets = batch[:, :-1].clamp(min=0), batch[:, 1:]
-                with autocast():
-                    logits = forward_model(inputs)  # (B, T, V) float32
-                loss_sum = F.cross_entropy(
-                    logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
-                )
-                (loss_sum / max(step_tokens, 1)).backward()
+                # DistributedDataParallel averages the gradients over the ranks once, in the
+                # backward pass of the step's last micro-batch.
+                is_last = index == len(micro_batches) - 1
+                no_sync = train_model.no_sync() if context.is_distributed and not is_last else contextlib.nullcontext()
+                with no_sync:
+                    with autocast():
+                        logits = train_model(inputs)  # (B / W, T, V) float32
+                    loss_sum = F.cross_entropy(
+                        logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+                    )
+                    loss = loss_sum / max(step_tokens, 1)
+                    if context.is_distributed:
+                        # Undo the average over the ranks, so the gradient is the global token mean.
+                        loss = loss * world_size
+                    loss.backward()
                 step_loss += loss_sum.detach() / max(step_tokens, 1)
 
             # Clip, step, schedule.
@@ -347,7 +440,9 @@ def train_run(
             is_eval = step % train.eval_interval == 0 or step == train.steps
             is_checkpoint = resume_path is not None and step % checkpoint_interval == 0 and step < train.steps
             if step == 1 or step % train.log_interval == 0 or is_eval or is_checkpoint:
-                values = torch.stack(pending_losses).tolist()
+                # Each rank's losses are its rows' share of the step's token mean. Their sum over
+                # the ranks is the global step's loss, so every rank makes the same non-finite check.
+                values = distributed.all_reduce_sum(torch.stack(pending_losses)).tolist()
                 for offset, value in enumerate(values):
                     if not math.isfinite(value):
                         raise NonFiniteLossError(pending_first_step + offset, value)
@@ -369,7 +464,7 @@ def train_run(
                 window_tokens = 0
 
             if is_eval:
-                val_loss = evaluate(forward_model, val_windows, train.eval_batch_size, device, autocast)
+                val_loss = run_evaluation()
                 if not math.isfinite(val_loss):
                     raise NonFiniteLossError(step, val_loss)
                 result.val_history.append((step, val_loss))
@@ -378,6 +473,8 @@ def train_run(
                     on_eval(step, val_loss)
 
             if is_checkpoint:
+                if before_checkpoint is not None:
+                    before_checkpoint()
                 save_state(step)
     except NonFiniteLossError as error:
         result.status = "failed"
