@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,12 @@ class AblationConfig:
     results_dir: str = "results"
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<results_dir>/mlflow.db
     optuna_storage: str | None = None  # None: $N4_OPTUNA_STORAGE, else sqlite:///<results_dir>/optuna.db
+    heartbeat_interval: int = 30  # seconds between a worker's heartbeats in the work queue
+    grace_period: int = 120  # seconds without a heartbeat after which another worker takes a unit over
+
+    # Settings that decide where results go and how workers coordinate, not what a run computes;
+    # they are left out of the config fingerprint.
+    NOT_IN_FINGERPRINT = ("results_dir", "tracking_uri", "optuna_storage", "preset", "heartbeat_interval", "grace_period")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,7 +157,7 @@ class AblationConfig:
         """Return a hash of every setting that changes what the ablation computes."""
         values = self.to_dict()
         values["data"].pop("cache_dir", None)
-        for key in ("results_dir", "tracking_uri", "optuna_storage", "preset"):
+        for key in self.NOT_IN_FINGERPRINT:
             values.pop(key, None)
         for key in TrainConfig.NOT_IN_KEYS:
             values["train"].pop(key, None)
@@ -193,6 +200,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
 }
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading exponent floats without a dot (``1e-3``) as numbers.
+
+    PyYAML follows YAML 1.1, where ``1e-3`` is a string; YAML 1.2 reads it as a float, and so do
+    researchers writing ``train.lr=1e-3``.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
 
 _SECTIONS = {"data": DataConfig, "model": ModelSizes, "train": TrainConfig, "tune": TuneConfig}
 
@@ -279,7 +305,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"invalid override {item!r}: expected key=value, for example train.steps=100")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as error:
             raise ValueError(f"invalid override {item!r}: the value is not valid YAML ({error.problem})") from None
         _set_dotted(values, _expand_short_key(key.strip()), value)
@@ -292,7 +318,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file not found: {path}")
     with path.open() as handle:
         try:
-            values = yaml.safe_load(handle) or {}
+            values = _load_yaml(handle) or {}
         except yaml.YAMLError as error:
             raise ValueError(f"config file {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
@@ -418,6 +444,15 @@ def validate(config: AblationConfig) -> None:
             f"raise model.max_seq_len or lower train.seq_len"
         )
     validate_tune(config.tune, train)
+    for key in ("heartbeat_interval", "grace_period"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} is invalid: expected a positive number of seconds")
+    if config.grace_period <= config.heartbeat_interval:
+        raise ValueError(
+            f"grace_period={config.grace_period} must be longer than heartbeat_interval={config.heartbeat_interval}, "
+            f"or live workers would lose their units"
+        )
     config.data.validate()
 
 

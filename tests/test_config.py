@@ -187,3 +187,11 @@ def test_config_file_with_invalid_yaml_rejected(tmp_path):
     path.write_text("train: {steps: 4\n")
     with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML"):
         resolve_config(str(path))
+
+
+def test_exponent_without_dot_is_float():
+    values = parse_overrides(["train.lr=1e-3", "tune.lr_max=3E2", "train.steps=12", "name=1e3abc"])
+    assert values["train"]["lr"] == 0.001
+    assert values["tune"]["lr_max"] == 300.0
+    assert values["train"]["steps"] == 12
+    assert values["name"] == "1e3abc"
