@@ -22,6 +22,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from experiments.tracking import ABLATION_TAG, PARENT_TAG, RUN_KEY_TAG
+from experiments.tuning import TUNING_KIND_TAG
 
 # The ablation axes, in the order of experiments.config.AXES (not imported from there, because
 # that module imports the data pipeline and torch).
@@ -112,9 +113,10 @@ def load_runs(tracking_uri: str | None = None, experiment_name: str = "default",
     tokens_per_step and the final metrics), then every param as ``param.<key>`` (strings, as
     MLflow stores them) and the last value of every metric as ``metric.<key>``.
 
-    Failed and killed runs are included. The runner retries a run that did not finish under the
-    same ``n4.run_key`` tag, so an older attempt of a key that has a later attempt is marked
-    ``superseded``; figures and tables leave superseded rows out.
+    Failed and killed runs are included. Learning-rate tuning and trial runs (tagged ``n4.kind``)
+    are left out. The runner retries a run that did not finish under the same ``n4.run_key`` tag,
+    so an older attempt of a key that has a later attempt is marked ``superseded``; figures and
+    tables leave superseded rows out.
     """
     client, uri = _client(tracking_uri)
     experiment_id = _experiment_id(client, uri, experiment_name)
@@ -124,6 +126,8 @@ def load_runs(tracking_uri: str | None = None, experiment_name: str = "default",
         tags = run.data.tags
         if PARENT_TAG not in tags:
             continue  # an ablation's parent run, not a training run
+        if TUNING_KIND_TAG in tags:
+            continue  # a learning-rate tuning run or one of its trials
         metrics = run.data.metrics
         row = {
             "run_id": run.info.run_id,

@@ -48,7 +48,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import experiments.coordination as coordination  # noqa: E402
 import experiments.runner as runner  # noqa: E402
+import experiments.worker as worker  # noqa: E402
 import experiments.train as train_module  # noqa: E402
 from benchmarks import common  # noqa: E402
 from experiments.config import AblationConfig, resolve_config  # noqa: E402
@@ -58,7 +60,9 @@ from experiments.tracking import AblationTracker  # noqa: E402
 from n4.model import CausalLM  # noqa: E402
 
 # Parts of the runner's time, in the order they are reported.
-PARTS = ("data", "plan", "mlflow", "mlflow_metrics", "evaluation", "checkpoints", "figures", "files", "train_steps", "other")
+PARTS = (
+    "data", "plan", "queue", "mlflow", "mlflow_metrics", "evaluation", "checkpoints", "figures", "files", "train_steps", "other",
+)
 
 WORDS = {
     "subject": ["the king", "a fool", "my lord", "the queen", "this night", "the ghost", "our army", "her father",
@@ -132,18 +136,23 @@ class Attribution:
 # longer has is reported as missing, and its time then counts as "other".
 WRAPPED = [
     (runner, "prepare_data", "data"),
-    (runner, "TrainBatches", "data"),
-    (runner, "val_windows", "data"),
+    (worker, "prepare_data", "data"),
+    (worker, "TrainBatches", "data"),
+    (worker, "val_windows", "data"),
     (runner, "build_plan", "plan"),
+    (worker, "build_plan", "plan"),
+    # The work queue in Optuna's storage: set-up, claims, heartbeats and results.
+    *((coordination.WorkQueue, method, "queue") for method in (
+        "__init__", "create_or_join", "join", "claim", "complete", "results", "unfinished")),
     *((AblationTracker, method, "mlflow") for method in (
         "__init__", "start_parent", "start_child", "log_params", "set_tags", "log_artifact", "end_run", "flush")),
     (AblationTracker, "log_metrics", "mlflow_metrics"),
     (train_module, "evaluate", "evaluation"),
     # Saving each finished model and logging it to MLflow.
-    (runner, "save_run_checkpoint", "checkpoints"),
+    (worker, "save_run_checkpoint", "checkpoints"),
     (AblationTracker, "log_artifacts", "checkpoints"),
-    (runner, "write_figures_and_tables", "figures"),
-    (runner, "_write_atomic", "files"),
+    (runner, "write_figures_and_tables", "figures"),  # called by the worker that writes the report
+    (runner, "write_atomic", "files"),
 ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
@@ -80,9 +81,16 @@ class AblationTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
-            experiment_id = self.client.create_experiment(
-                experiment_name, artifact_location=artifact_location_for(tracking_uri, experiment_name)
-            )
+            try:
+                experiment_id = self.client.create_experiment(
+                    experiment_name, artifact_location=artifact_location_for(tracking_uri, experiment_name)
+                )
+            except MlflowException:
+                # Another worker created it between the lookup and the creation; use that one.
+                experiment = self.client.get_experiment_by_name(experiment_name)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
         else:
             if experiment.lifecycle_stage == "deleted":
                 raise ValueError(
@@ -93,6 +101,9 @@ class AblationTracker:
         self.experiment_id = experiment_id
         self._pending: dict[str, list[Metric]] = {}
         self._operations: list[Any] = []
+        # For runs continued after an interruption: the (metric, step) points already logged,
+        # which are not logged again.
+        self._logged: dict[str, set[tuple[str, int]]] = {}
 
     def start_parent(self, name: str, config_fingerprint: str, params: Mapping[str, Any], existing_id: str | None) -> str:
         """Return the parent run id, reusing ``existing_id`` when it is still in this experiment."""
@@ -121,6 +132,25 @@ class AblationTracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def find_child(self, parent_id: str, run_key: str) -> str | None:
+        """Return the id of the parent's child run with this run key, the latest if there are several."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{RUN_KEY_TAG}` = '{run_key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def continue_run(self, run_id: str) -> None:
+        """Mark an interrupted run RUNNING again; metric points it already has are not logged twice."""
+        run = self.client.get_run(run_id)
+        logged = set()
+        for key in run.data.metrics:
+            logged.update((key, point.step) for point in self.client.get_metric_history(run_id, key))
+        self._logged[run_id] = logged
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(_param_key(key), str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in flatten(params).items()]
         for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
@@ -134,8 +164,11 @@ class AblationTracker:
     def log_metrics(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
         """Queue metrics with an explicit step; they are sent in batches by ``flush``."""
         timestamp = int(time.time() * 1000)
+        logged = self._logged.get(run_id, ())
         queue = self._pending.setdefault(run_id, [])
-        queue.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
+        queue.extend(
+            Metric(key, float(value), timestamp, step) for key, value in metrics.items() if (key, step) not in logged
+        )
         if len(queue) >= MAX_METRICS_PER_BATCH // 2:
             self.flush(run_id, synchronous=False)
 
