@@ -67,6 +67,19 @@ def optuna_storage_for(configured: str | None, results_dir: str | os.PathLike) -
     return f"sqlite:///{path}"
 
 
+def check_storage_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is a database URL that SQLAlchemy, and so Optuna, can open."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url).get_dialect()
+    except Exception as error:  # noqa: BLE001 - ArgumentError or NoSuchModuleError, reported the same way
+        raise ValueError(
+            f"invalid Optuna storage {url!r} ({error}); expected a database URL such as "
+            f"sqlite:///results/optuna.db or postgresql://user:password@host/db"
+        ) from None
+
+
 def sqlite_path(url: str) -> str | None:
     """Return the database file of a ``sqlite:///`` URL, or None for another kind of store."""
     prefix = "sqlite:///"

@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from experiments import distributed
 from experiments.config import TUNABLE, AblationConfig, PRESETS, parse_seeds, resolve_config
-from experiments.coordination import WorkQueue, optuna_storage_for, store_lock
+from experiments.coordination import WorkQueue, check_storage_url, optuna_storage_for, store_lock
 from experiments.data import prepare_data
 from experiments.plan import build_plan
 from experiments.tracking import AblationTracker, tracking_uri_for
@@ -315,6 +315,9 @@ def _resolve(args: argparse.Namespace) -> AblationConfig:
     config = resolve_config(args.config, args.preset, overrides, args.name, seeds)
     if args.storage:
         config.optuna_storage = args.storage
+    storage = config.optuna_storage or os.environ.get("N4_OPTUNA_STORAGE")
+    if storage:
+        check_storage_url(storage)
     if args.trials is not None and not config.tune.params:
         raise ValueError(f"--trials {args.trials} needs something to tune: add --tune lr")
     if launched_by_torchrun():

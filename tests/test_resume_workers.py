@@ -60,6 +60,25 @@ def queue_trials(workspace, study_prefix):
         return optuna.load_study(study_name=names[0], storage=storage).trials
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--workers", "0"], "--workers 0 is invalid"),
+        (["--trials", "0", "--tune", "lr"], "--trials 0 is invalid"),
+        (["--trials", "3"], "--trials 3 needs something to tune"),
+        (["--storage", "notadb://x"], "invalid Optuna storage 'notadb://x'"),
+        (["--tune", "lr", "tune.lr_min=0.1", "tune.lr_max=0.01"], "tune.lr_min=0.1 and tune.lr_max=0.01 are invalid"),
+        (["grace_period=5", "heartbeat_interval=10"], "grace_period=5 must be longer than heartbeat_interval=10"),
+        (["train.checkpoint_interval=0"], "train.checkpoint_interval=0 is invalid"),
+    ],
+)
+def test_bad_scale_options_fail_before_work(workspace, corpus, capsys, options, message):
+    assert main(arguments(workspace, corpus, "bad", *options)) == 2
+    assert message in capsys.readouterr().err
+    assert not (workspace / "results").exists()
+    assert not (workspace / "cache").exists()
+
+
 def test_sigkill_then_resume_matches_uninterrupted(workspace, corpus):
     assert main(arguments(workspace, corpus, "reference", *CELL, *LONG_RUN)) == 0
     reference = pd.read_csv(workspace / "results" / "reference" / "summary.csv")
