@@ -98,7 +98,7 @@ class TuneConfig:
     lr_min: float = 1e-4  # the learning rate is drawn log-uniformly from [lr_min, lr_max]
     lr_max: float = 3e-2
     sampler_seed: int = 0  # seed of the TPE sampler, so a study is reproducible
-    startup_trials: int = 3  # trials per study that run to the end before pruning starts
+    startup_trials: int = 3  # trials per study drawn at random and never pruned; TPE models the rest
     pruning_warmup_steps: int | None = None  # steps before a trial can be pruned; None: train.steps // 4
 
 

@@ -130,7 +130,7 @@ def _tune(spec, config, batches, validation, storage, tracker, parent_run_id, sh
         study_name=study_name,
         direction="minimize",
         load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=tune.sampler_seed),
+        sampler=optuna.samplers.TPESampler(n_startup_trials=tune.startup_trials, seed=tune.sampler_seed),
         pruner=optuna.pruners.MedianPruner(
             n_startup_trials=tune.startup_trials, n_warmup_steps=pruning_warmup_steps(config)
         ),
