@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,8 @@ RUN_ID_ATTR = "mlflow_run_id"  # the trial's MLflow run
 DIVERGED_ATTR = "diverged"  # True on a FAIL trial whose loss became NaN or infinite
 INTERRUPTED_ATTR = "interrupted"  # True on a FAIL trial whose process stopped before it ended
 FAILURE_ATTR = "failure_reason"
+
+EDGE_FRACTION = 0.1  # a best rate this close to an end of the range, as a fraction of its log width, is flagged
 
 
 @dataclass
@@ -181,7 +184,25 @@ def _tune(spec, config, batches, validation, storage, tracker, parent_run_id, sh
     tracker.set_tags(tuning_run_id, {"status": "finished"})
     tracker.end_run(tuning_run_id, "FINISHED")
     logger.info("%s: best lr %.3g, validation loss %.4f (trial %d)", spec.label, result.best_lr, result.best_val_loss, best.number)
+    edge = edge_of_range(result.best_lr, tune.lr_min, tune.lr_max)
+    if edge is not None:
+        tracker.set_tags(tuning_run_id, {"best_lr_at_edge": edge})
+        logger.warning(
+            "%s: the best lr %.3g lies at the %s end of the searched range [%g, %g], so a better rate may "
+            "lie beyond it; widen the range with tune.%s",
+            spec.label, result.best_lr, edge, tune.lr_min, tune.lr_max, "lr_max" if edge == "upper" else "lr_min",
+        )
     return result
+
+
+def edge_of_range(lr: float, lr_min: float, lr_max: float) -> str | None:
+    """Return "upper" or "lower" when ``lr`` is within EDGE_FRACTION of that end of the log range, else None."""
+    width = math.log(lr_max / lr_min)
+    if math.log(lr_max / lr) <= EDGE_FRACTION * width:
+        return "upper"
+    if math.log(lr / lr_min) <= EDGE_FRACTION * width:
+        return "lower"
+    return None
 
 
 def _count_finished(study: optuna.Study) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from analysis.runs import load_runs
 from experiments.config import TuneConfig, resolve_config
 from experiments.plan import RunSpec, model_config_for
 from experiments.tracking import PARENT_TAG, AblationTracker
-from experiments.tuning import STUDY_TAG, TUNING_KIND_TAG, study_name_for, tune_variant
+from experiments.tuning import STUDY_TAG, TUNING_KIND_TAG, edge_of_range, study_name_for, tune_variant
 
 VOCAB = 64
 EXPERIMENT = "tune-test"
@@ -184,6 +184,33 @@ def test_tuning_run_summary(enqueued):
     assert tuning.data.metrics["best_val_loss"] == enqueued.result.best_val_loss
     assert tuning.data.metrics["n_complete"] == 1
     assert tuning.data.metrics["n_pruned"] == 1
+
+
+@pytest.mark.parametrize(
+    ("lr", "edge"),
+    # The range 1e-4..1e-1 is three decades wide on a log scale; a tenth of it is 0.3 decades.
+    [(1e-1, "upper"), (10 ** -1.29, "upper"), (10 ** -1.31, None), (1e-2, None), (10 ** -3.69, None),
+     (10 ** -3.71, "lower"), (1e-4, "lower")],
+)
+def test_edge_of_range(lr, edge):
+    assert edge_of_range(lr, 1e-4, 1e-1) == edge
+
+
+def test_best_lr_inside_range_not_flagged(enqueued):
+    assert edge_of_range(GOOD_LR, 1e-8, 1e-1) is None
+    tuning = enqueued.tracker.client.get_run(enqueued.result.mlflow_run_id)
+    assert "best_lr_at_edge" not in tuning.data.tags
+
+
+def test_best_lr_at_top_of_range_flagged(stores, caplog):
+    setup = make_setup(stores, "edge", trials=1, lr_max=1.2e-2)
+    create_study(setup).enqueue_trial({"lr": GOOD_LR})
+    result = run_tuning(setup)
+    assert result.best_lr == GOOD_LR
+    tuning = setup.tracker.client.get_run(result.mlflow_run_id)
+    assert tuning.data.tags["best_lr_at_edge"] == "upper"
+    assert "lies at the upper end of the searched range [1e-08, 0.012]" in caplog.text
+    assert "tune.lr_max" in caplog.text
 
 
 def test_load_runs_ignores_tuning(enqueued):
