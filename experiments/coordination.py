@@ -272,7 +272,11 @@ class WorkQueue:
                 if not self._ready(trial, complete):
                     continue
                 with store_lock(self.url):
-                    claimed = self.storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING)
+                    try:
+                        claimed = self.storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING)
+                    except UpdateFinishedTrialError:
+                        # Another worker claimed and finished this unit since the list was read.
+                        claimed = False
                     if claimed:
                         self.storage.record_heartbeat(trial._trial_id)
                         self.storage.set_trial_user_attr(trial._trial_id, OWNER, owner_id())
