@@ -98,8 +98,14 @@ def store_lock(url: str) -> Iterator[None]:
         yield
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with FileLock(f"{path}.lock"):
+    with file_lock(path):
         yield
+
+
+def file_lock(path: str | os.PathLike) -> FileLock:
+    """Return the lock of ``path``: a hidden file ``.NAME.lock`` beside it, left in place afterwards."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return FileLock(os.path.join(folder, f".{name}.lock"))
 
 
 def open_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL_S, grace_period: int = GRACE_PERIOD_S):

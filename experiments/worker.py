@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from filelock import FileLock
 from tqdm import tqdm
 
 from experiments import distributed
 from experiments.config import AblationConfig
-from experiments.coordination import ALL_UNITS, Unit, WorkQueue
+from experiments.coordination import ALL_UNITS, Unit, WorkQueue, file_lock
 from experiments.data import PreparedData, TrainBatches, prepare_data, val_windows
 from experiments.plan import RunSpec, build_plan
 from experiments.tracking import ABLATION_TAG, RUN_KEY_TAG, AblationTracker
@@ -353,7 +352,7 @@ def update_summary(path: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     from experiments.runner import write_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"):
+    with file_lock(path):
         summary = read_summary(path)
         keys = {row["run_key"] for row in rows}
         kept = summary[~summary["run_key"].isin(keys)]
@@ -370,7 +369,7 @@ def write_summary_from_queue(queue: WorkQueue, units: list[dict[str, Any]], path
     done = queue.results()
     rows = [done[unit["unit_key"]] for unit in units if unit["kind"] == "train" and unit["unit_key"] in done]
     summary = summary_frame(rows)
-    with FileLock(f"{path}.lock"):
+    with file_lock(path):
         write_atomic(path, summary.to_csv(index=False))
     return read_summary(path)
 
