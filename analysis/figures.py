@@ -292,12 +292,15 @@ def plot_loss_by_axis(
     for axis_name in panels:
         if one_factor:
             members = variants[[row["is_baseline"] or changed_axis(row, baseline) == axis_name for _, row in variants.iterrows()]]
-            lines[axis_name] = [(str(row[axis_name]), [row["label"]]) for _, row in members.iterrows()]
+            if len(members) > 1:  # a panel with the baseline alone, such as position "auto", is left out
+                lines[axis_name] = [(str(row[axis_name]), [row["label"]]) for _, row in members.iterrows()]
         else:
             lines[axis_name] = [
                 (str(value), list(variants.loc[variants[axis_name] == value, "label"]))
                 for value in dict.fromkeys(variants[axis_name])
             ]
+    if not lines:
+        return []
 
     paths = []
     for suffix, width in WIDTHS.items():

@@ -107,21 +107,45 @@ def varying_axes(variants: pd.DataFrame) -> list[str]:
 
 
 def ablation_kind(variants: pd.DataFrame) -> str:
-    """Return ``one-factor`` when every variant differs from the baseline in at most one axis, else ``grid``."""
+    """Return ``one-factor`` when each variant changes one factor of the baseline, else ``grid``.
+
+    A factor is an axis, except that a change of attention may bring its own position encoding
+    (position "auto": N4 without one, MHA with RoPE). Two variants changing the same factor to the
+    same value, such as MHA with and without RoPE, make a grid.
+    """
     baseline = variants[variants["is_baseline"]]
     if baseline.empty:
         return "grid"
     reference = baseline.iloc[0]
-    changed = [sum(row[axis] != reference[axis] for axis in AXES) for _, row in variants.iterrows()]
-    return "one-factor" if max(changed) <= 1 else "grid"
+    factors = []
+    for _, row in variants.iterrows():
+        changed = _changed_factors(row, reference)
+        if len(changed) > 1:
+            return "grid"
+        factors += [(axis, row[axis]) for axis in changed]
+    return "one-factor" if len(factors) == len(set(factors)) else "grid"
+
+
+def _changed_factors(variant: Mapping, baseline: Mapping) -> list[str]:
+    """Return the axes in which ``variant`` differs from ``baseline``, a position change that
+    comes with an attention change counted under attention."""
+    changed = [axis for axis in AXES if variant[axis] != baseline[axis]]
+    if "attention" in changed and "position" in changed:
+        changed.remove("position")
+    return changed
 
 
 def changed_axis(variant: Mapping, baseline: Mapping | None) -> str | None:
-    """Return the one axis in which ``variant`` differs from ``baseline``, or None."""
+    """Return the one factor (see ``ablation_kind``) in which ``variant`` differs from ``baseline``, or None."""
     if baseline is None:
         return None
-    changed = [axis for axis in AXES if variant[axis] != baseline[axis]]
+    changed = _changed_factors(variant, baseline)
     return changed[0] if len(changed) == 1 else None
+
+
+def changed_name(variant: Mapping, baseline: Mapping) -> str:
+    """Return ``axis=value`` for each axis in which ``variant`` differs from ``baseline``."""
+    return " ".join(f"{axis}={variant[axis]}" for axis in AXES if variant[axis] != baseline[axis])
 
 
 def variant_names(variants: pd.DataFrame) -> dict[str, str]:
@@ -139,8 +163,7 @@ def variant_names(variants: pd.DataFrame) -> dict[str, str]:
         if one_factor and variant["is_baseline"]:
             names[variant["label"]] = "baseline (" + ", ".join(str(variant[axis]) for axis in AXES) + ")"
         elif one_factor and changed_axis(variant, baseline):
-            axis = changed_axis(variant, baseline)
-            names[variant["label"]] = f"{axis}={variant[axis]}"
+            names[variant["label"]] = changed_name(variant, baseline)
         else:
             name = " + ".join(str(variant[axis]) for axis in varying)
             names[variant["label"]] = name + (" (baseline)" if variant["is_baseline"] else "")
@@ -552,11 +575,10 @@ def seed_statistics(summary: pd.DataFrame, confidence: float = CONFIDENCE) -> pd
 
 
 def _seed_variant_name(row: pd.Series, baseline: pd.Series | None) -> str:
-    """Return ``axis=value`` for a variant that differs from the baseline in one axis, else the full label."""
+    """Return ``axis=value`` for a variant that changes one factor of the baseline, else the full label."""
     if row["is_baseline"]:
         return f"{row['label']} (baseline)"
-    axis = changed_axis(row, baseline)
-    return f"{axis}={row[axis]}" if axis else row["label"]
+    return changed_name(row, baseline) if changed_axis(row, baseline) else row["label"]
 
 
 def _number(value: float, template: str) -> str:

@@ -18,7 +18,9 @@ from scipy import stats
 from analysis.figures import curve_points
 from analysis.report import main, write_report
 from analysis.runs import load_history, load_runs
-from analysis.tables import SEED_STATISTICS_COLUMNS, seed_statistics, variant_table, write_seed_statistics
+from analysis.tables import (
+    SEED_STATISTICS_COLUMNS, ablation_kind, seed_statistics, variant_names, variant_table, write_seed_statistics,
+)
 from experiments.tracking import ABLATION_TAG, CONFIG_TAG, PARENT_TAG, RUN_KEY_TAG
 
 AXES = ("attention", "mlp", "norm", "position")
@@ -647,7 +649,7 @@ def test_seed_stats_markdown_cells(tmp_path):
     rows = _markdown_rows(text)
     assert list(rows) == [
         f"{BASELINE_LABEL} (baseline)", "attention=mha", "mlp=swiglu", "norm=layernorm", "norm=rmsnorm",
-        "attention=mha mlp=asgg norm=dyt position=rope",
+        "attention=mha position=rope",
     ]
 
     mean, std, half_width = _textbook(list(FINISHED_LOSSES[SEED_LABELS[1]].values()))
@@ -661,3 +663,27 @@ def test_seed_stats_markdown_cells(tmp_path):
     assert rows["norm=rmsnorm"] == ["0/3", "—", "—", "—", "—", "0"]
     assert "95% two-sided t-interval" in text
     assert "sample standard deviation (ddof=1)" in text
+
+
+def _variants(*changes: dict) -> pd.DataFrame:
+    """Variants as ``variants_of`` returns them: the N4 baseline first, then one row per change."""
+    baseline = {"attention": "n4", "mlp": "asgg", "norm": "dyt", "position": "none"}
+    rows = [{**baseline, "is_baseline": True}] + [{**baseline, **change, "is_baseline": False} for change in changes]
+    for row in rows:
+        row["label"] = " ".join(f"{axis}={row[axis]}" for axis in ("attention", "mlp", "norm", "position"))
+    return pd.DataFrame(rows)
+
+
+def test_attention_with_its_own_position_is_one_factor():
+    # The default ablation: position "auto" gives MHA RoPE, so MHA differs in two axes but one factor.
+    variants = _variants({"attention": "mha", "position": "rope"}, {"mlp": "swiglu"}, {"norm": "rmsnorm"})
+    assert ablation_kind(variants) == "one-factor"
+    assert list(variant_names(variants).values()) == [
+        "baseline (n4, asgg, dyt, none)", "attention=mha position=rope", "mlp=swiglu", "norm=rmsnorm",
+    ]
+
+
+def test_attention_crossed_with_position_is_grid():
+    variants = _variants({"attention": "mha"}, {"attention": "mha", "position": "rope"}, {"position": "rope"})
+    assert ablation_kind(variants) == "grid"
+    assert ablation_kind(_variants({"attention": "mha", "mlp": "swiglu"})) == "grid"
