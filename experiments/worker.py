@@ -287,7 +287,9 @@ class Worker:
             return {}
         if result.status == "finished" and result.model is not None and config.save_checkpoints:
             checkpoint = save_run_checkpoint(result, checkpoint_dir, self.data, spec, run_key)
-            self.tracker.log_artifacts(run_id, checkpoint, "checkpoint")
+            for file in sorted(checkpoint.iterdir()):
+                if file.name != resume_path.name:  # the resume state is deleted below, not an output
+                    self.tracker.log_artifact(run_id, file, "checkpoint")
             result.checkpoint = str(checkpoint)
         result.model = None
         row = self._finish(spec, result, run_key, run_id, lr)

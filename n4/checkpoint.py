@@ -203,6 +203,11 @@ def _write_atomically(path: Path, write: Any) -> None:
     os.close(handle)
     try:
         write(temporary)
+        # mkstemp creates the file readable by its owner only; give it the mode the umask allows,
+        # so that others sharing the results folder can read the checkpoint.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -163,6 +164,16 @@ def test_tokenizer_and_extra_are_saved(tmp_path, tokenizer_path):
     assert tokenizer.encode(TEXTS[0]).ids == Tokenizer.from_file(str(tokenizer_path)).encode(TEXTS[0]).ids
     assert metadata["extra"] == {"step": 7}
     assert metadata["model_class"] == "CausalLM"
+
+
+def test_files_get_the_mode_the_umask_allows(tmp_path, tokenizer_path):
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(make_model(vocab_size=300), tmp_path, tokenizer_path=tokenizer_path)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644, "tokenizer.json": 0o644}
 
 
 def test_existing_checkpoint_is_not_overwritten(tmp_path):

@@ -71,7 +71,7 @@ def test_smoke_grid_end_to_end(workspace, corpus):
     # Checkpoints: one per run, in results and as an MLflow artifact, usable by n4.generate.
     assert summary["checkpoint"].map(lambda path: (Path(path) / "model.safetensors").is_file()).all()
     child_artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
-    assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/tokenizer.json"} <= child_artifacts
+    assert child_artifacts == {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/tokenizer.json"}
 
     # Rerunning the same command trains nothing new and duplicates nothing.
     assert run(workspace, corpus, "--grid") == 0
