@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -68,16 +69,53 @@ def optuna_storage_for(configured: str | None, results_dir: str | os.PathLike) -
 
 
 def check_storage_url(url: str) -> None:
-    """Raise ValueError unless ``url`` is a database URL that SQLAlchemy, and so Optuna, can open."""
+    """Raise ValueError unless ``url`` is a database URL that SQLAlchemy, and so Optuna, can open.
+
+    Also checks that the database driver is installed, and warns when a sqlite file would be
+    created in a folder that does not exist yet (a mistyped path starts an empty queue there).
+    """
     from sqlalchemy.engine import make_url
 
     try:
-        make_url(url).get_dialect()
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
     except Exception as error:  # noqa: BLE001 - ArgumentError or NoSuchModuleError, reported the same way
         raise ValueError(
-            f"invalid Optuna storage {url!r} ({error}); expected a database URL such as "
+            f"invalid Optuna storage {shown_url(url)!r} ({error}); expected a database URL such as "
             f"sqlite:///results/optuna.db or postgresql://user:password@host/db"
         ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        raise ValueError(
+            f"the Optuna storage {shown_url(url)!r} needs the {parsed.drivername} database driver, which is not "
+            f"installed ({error}); for PostgreSQL run pip install -e \".[postgres]\""
+        ) from None
+    path = sqlite_path(url)
+    if path is None:
+        _check_server_reachable(url)
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        logger.warning("the folder of the Optuna storage %s does not exist and will be created", url)
+
+
+def shown_url(url: str) -> str:
+    """Return ``url`` with its password, if any, replaced by ***, for messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _check_server_reachable(url: str) -> None:
+    """Raise ValueError when the database server of ``url`` refuses a connection."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise ValueError(f"cannot connect to the Optuna storage {shown_url(url)!r}: {reason}") from None
+    finally:
+        engine.dispose()
 
 
 def sqlite_path(url: str) -> str | None:
@@ -186,7 +224,7 @@ class WorkQueue:
                 for key, value in study_attrs().items():
                     self.storage.set_study_user_attr(self._study_id, key, value)
                 self.storage.set_study_user_attr(self._study_id, READY_ATTR, True)
-                logger.info("created work queue %r with %d units in %s", self.study_name, len(units), self.url)
+                logger.info("created work queue %r with %d units in %s", self.study_name, len(units), shown_url(self.url))
 
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
@@ -199,9 +237,9 @@ class WorkQueue:
                 return attrs
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"the work queue {self.study_name!r} in {self.url} was created but its units were never "
+                    f"the work queue {self.study_name!r} in {shown_url(self.url)} was created but its units were never "
                     f"enqueued (its creator probably died); delete it with `optuna delete-study --study-name "
-                    f"{self.study_name} --storage {self.url}` and rerun"
+                    f"{self.study_name} --storage {shown_url(self.url)}` and rerun"
                 )
             time.sleep(1.0)
 

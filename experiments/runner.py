@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from experiments import distributed
 from experiments.config import TUNABLE, AblationConfig, PRESETS, parse_seeds, resolve_config
-from experiments.coordination import WorkQueue, check_storage_url, optuna_storage_for, store_lock
+from experiments.coordination import WorkQueue, check_storage_url, optuna_storage_for, shown_url, store_lock
 from experiments.data import prepare_data
 from experiments.plan import build_plan
 from experiments.tracking import AblationTracker, tracking_uri_for
@@ -256,7 +256,7 @@ def _set_up(config, grid, results, units, settings) -> tuple[AblationTracker, Wo
             "optuna_storage": settings.storage_url, "work_queue": settings.study_name,
         })
     logger.info("MLflow: %s, experiment %r, parent run %s", settings.tracking_uri, config.name, settings.parent_id)
-    logger.info("work queue: study %r in %s", settings.study_name, settings.storage_url)
+    logger.info("work queue: study %r in %s", settings.study_name, shown_url(settings.storage_url))
     return tracker, queue
 
 

@@ -4,6 +4,7 @@ The runs use the smoke preset on a small generated corpus. Worker processes are 
 would start them, through ``run_ablation.py``.
 """
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from experiments.coordination import check_storage_url
 from experiments.runner import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +79,34 @@ def test_bad_scale_options_fail_before_work(workspace, corpus, capsys, options, 
     assert message in capsys.readouterr().err
     assert not (workspace / "results").exists()
     assert not (workspace / "cache").exists()
+
+
+def test_storage_without_its_driver_fails_before_work(workspace, corpus, capsys):
+    if importlib.util.find_spec("pg8000") is not None:
+        pytest.skip("pg8000 is installed, so this URL has its driver")
+    url = "postgresql+pg8000://user:password@127.0.0.1:1/n4"
+    assert main(arguments(workspace, corpus, "bad", "--storage", url)) == 2
+    error = capsys.readouterr().err
+    assert "the Optuna storage 'postgresql+pg8000://user:***@127.0.0.1:1/n4' needs the postgresql+pg8000 database driver" in error
+    assert not (workspace / "results").exists()
+
+
+def test_unreachable_database_server_fails_before_work(workspace, corpus, capsys):
+    pytest.importorskip("psycopg", reason="needs the PostgreSQL driver: pip install -e '.[postgres]'")
+    url = "postgresql://user:password@127.0.0.1:1/n4"  # port 1: nothing listens there
+    assert main(arguments(workspace, corpus, "bad", "--storage", url)) == 2
+    error = capsys.readouterr().err
+    assert "cannot connect to the Optuna storage 'postgresql://user:***@127.0.0.1:1/n4'" in error
+    assert "password" not in error
+    assert not (workspace / "results").exists()
+
+
+def test_sqlite_storage_in_missing_folder_warns(tmp_path, caplog):
+    check_storage_url(f"sqlite:///{tmp_path}/typo/optuna.db")
+    assert f"the folder of the Optuna storage sqlite:///{tmp_path}/typo/optuna.db does not exist" in caplog.text
+    caplog.clear()
+    check_storage_url(f"sqlite:///{tmp_path}/optuna.db")
+    assert caplog.text == ""
 
 
 def test_sigkill_then_resume_matches_uninterrupted(workspace, corpus):
