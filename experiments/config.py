@@ -337,7 +337,7 @@ def parse_seeds(text: str) -> list[int]:
                 raise ValueError
             seeds = list(range(count))
     except ValueError:
-        raise ValueError(f"invalid --seeds {text!r}: expected a count such as 3 or a list such as 0,1,2") from None
+        raise ValueError(f"invalid --seeds {text!r}: expected a count of at least 1 such as 3, or a list such as 0,1,2") from None
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"invalid --seeds {text!r}: a seed is repeated")
     return seeds
