@@ -81,10 +81,16 @@ def launch_ranks(out_dir: Path, *options: str, timeout: float = 120) -> list[dic
     """Run ddp_train_script.py on two gloo ranks and return their results in rank order."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out_dir), *options],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    for _ in range(2):
+        completed = subprocess.run(
+            [sys.executable, str(SCRIPT), str(out_dir), *options],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        # NOTE: about one launch in 40 on a 2-core machine ends with both gloo ranks aborting
+        # ("terminate called without an active exception", SIGABRT) before any Python error; the
+        # cause is not known. Such a launch is retried once; any other failure fails the test.
+        if completed.returncode == 0 or "terminate called without an active exception" not in completed.stderr:
+            break
     assert completed.returncode == 0, f"stdout:\n{completed.stdout[-4000:]}\nstderr:\n{completed.stderr[-4000:]}"
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(ddp_train_script.WORLD_SIZE)]
 
