@@ -155,10 +155,15 @@ def write_figures_and_tables(tracking_uri: str, experiment: str, parent_id: str,
     """
     from analysis.report import write_report
     from analysis.tables import write_seed_statistics
+    from mlflow.tracking import MlflowClient
 
     paths: list[Path] = []
     try:
-        paths += write_seed_statistics(summary, out_dir)
+        statistics = write_seed_statistics(summary, out_dir)
+        client = MlflowClient(tracking_uri)
+        for path in statistics:
+            client.log_artifact(parent_id, str(path), "tables")
+        paths += statistics
     except Exception:  # noqa: BLE001 - the runs are saved; a table must not turn them into a failure
         logger.exception("writing the seed statistics failed")
     try:

@@ -256,6 +256,9 @@ def test_tune_lr_with_seeds(workspace, corpus):
     differences = (summary[summary["attention"] == "mha"].set_index("seed")["final_val_loss"]
                    - summary[summary["attention"] == "n4"].set_index("seed")["final_val_loss"])
     assert statistics.loc["mha", "delta_vs_baseline"] == pytest.approx(differences.mean())
+    parent = next(run for run in runs if "mlflow.parentRunId" not in run.data.tags)
+    logged = {artifact.path for artifact in client.list_artifacts(parent.info.run_id, "tables")}
+    assert {"tables/seed_statistics.csv", "tables/seed_statistics.md"} <= logged
 
     # The report lists the final runs only, not the tuning and trial runs.
     from analysis.runs import load_runs
