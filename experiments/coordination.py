@@ -94,13 +94,33 @@ def check_storage_url(url: str) -> None:
     path = sqlite_path(url)
     if path is None:
         _check_server_reachable(url)
-    elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        logger.warning("the folder of the Optuna storage %s does not exist and will be created", url)
+    else:
+        folder = os.path.dirname(os.path.abspath(path))
+        existing = folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ValueError(f"invalid Optuna storage {url!r}: {existing} is a file, so the folder {folder} cannot exist")
+        if existing != folder:
+            logger.warning("the folder of the Optuna storage %s does not exist and will be created", url)
 
 
 def shown_url(url: str) -> str:
     """Return ``url`` with its password, if any, replaced by ***, for messages and logs."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    url = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
+
+
+def study_exists(url: str, study_name: str) -> bool:
+    """Return True when the storage at ``url`` holds a study named ``study_name``."""
+    path = sqlite_path(url)
+    if path is not None and not os.path.exists(path):
+        return False
+    try:
+        open_storage(url).get_study_id_from_name(study_name)
+    except KeyError:
+        return False
+    return True
 
 
 def _check_server_reachable(url: str) -> None:

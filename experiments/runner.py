@@ -30,7 +30,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from experiments import distributed
 from experiments.config import TUNABLE, AblationConfig, PRESETS, parse_seeds, resolve_config
-from experiments.coordination import WorkQueue, check_storage_url, optuna_storage_for, shown_url, store_lock
+from experiments.coordination import (
+    WorkQueue, check_storage_url, optuna_storage_for, shown_url, store_lock, study_exists,
+)
 from experiments.data import prepare_data
 from experiments.plan import build_plan
 from experiments.tracking import AblationTracker, tracking_uri_for
@@ -116,6 +118,10 @@ class ResultsDir:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.path.parent / f".{self.path.name}.lock"))
 
+    def state(self) -> dict[str, Any]:
+        """Return the contents of state.json, or an empty dict before the first run."""
+        return json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
     def previous_fingerprint(self) -> str | None:
         """Return the fingerprint of the config whose results the directory contains, if another one."""
         if self.state_path.exists():
@@ -194,12 +200,15 @@ def run_ablation(
     context = distributed.init_from_env(resolve_device(config.train.device).type)
     results = ResultsDir(config)
 
+    storage_url = optuna_storage_for(config.optuna_storage, config.results_dir)
+    if context.is_main:
+        _check_queue_is_reachable(results, storage_url, queue_name(config))
+
     # Data first: the tokenizer's real vocabulary size sizes the models.
     data = prepare_data(config.data)
     plan = build_plan(config, grid, data.vocab_size)
     units = plan_units(config, plan)
     tracking_uri = tracking_uri_for(config.tracking_uri, config.results_dir)
-    storage_url = optuna_storage_for(config.optuna_storage, config.results_dir)
     settings = WorkerSettings(
         config=config, grid=grid, tracking_uri=tracking_uri, storage_url=storage_url, study_name=queue_name(config),
         parent_id="", results_path=str(results.path), show_progress=show_progress and workers == 1,
@@ -231,6 +240,25 @@ def run_ablation(
     return _finish(results, queue, units)
 
 
+def _check_queue_is_reachable(results: ResultsDir, storage_url: str, study_name: str) -> None:
+    """Raise ValueError when ``results`` holds runs of this config whose work queue ``storage_url`` lacks.
+
+    The queue records which runs finished. Without it every run would train again and overwrite
+    the files of the finished ones, as after a changed --storage or a deleted optuna.db.
+    """
+    state = results.state()
+    if state.get("config_fingerprint") != results.fingerprint or not results.summary_path.exists():
+        return
+    if study_exists(storage_url, study_name):
+        return
+    raise ValueError(
+        f"{results.path} holds runs of this config whose work queue {study_name!r} was kept in "
+        f"{state.get('optuna_storage')}, and {shown_url(storage_url)} has no such queue. Rerun with that "
+        f"storage (--storage or $N4_OPTUNA_STORAGE) to continue them, or use another --name, or move "
+        f"{results.path} away to start again"
+    )
+
+
 def _set_up(config, grid, results, units, settings) -> tuple[AblationTracker, WorkQueue]:
     """Create or join the MLflow experiment, the parent run and the work queue (rank 0 only)."""
     with results.lock():
@@ -239,14 +267,18 @@ def _set_up(config, grid, results, units, settings) -> tuple[AblationTracker, Wo
             logger.warning("%s contained results of another config; moved them to %s", results.path, archive)
         results.path.mkdir(parents=True, exist_ok=True)
         config_path = results.path / "config.yaml"
-        write_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        # The storage URL may hold a database password, which config.yaml and MLflow must not.
+        shown_config = config.to_dict()
+        if shown_config.get("optuna_storage"):
+            shown_config["optuna_storage"] = shown_url(shown_config["optuna_storage"])
+        write_atomic(config_path, yaml.safe_dump(shown_config, sort_keys=False))
 
     # A fresh sqlite store creates its tables on first use, which races between processes.
     with store_lock(settings.tracking_uri):
         tracker = AblationTracker(settings.tracking_uri, config.name)
 
     def new_parent() -> dict[str, Any]:
-        parent_id = tracker.start_parent(config.name, results.fingerprint, {"ablation": config.to_dict(), "grid": grid}, None)
+        parent_id = tracker.start_parent(config.name, results.fingerprint, {"ablation": shown_config, "grid": grid}, None)
         tracker.log_artifact(parent_id, config_path)
         return {"mlflow_parent_run_id": parent_id, "mlflow_experiment": config.name}
 
@@ -258,7 +290,7 @@ def _set_up(config, grid, results, units, settings) -> tuple[AblationTracker, Wo
         results.save_state({
             "config_fingerprint": results.fingerprint, "parent_run_id": settings.parent_id,
             "tracking_uri": settings.tracking_uri, "experiment": config.name,
-            "optuna_storage": settings.storage_url, "work_queue": settings.study_name,
+            "optuna_storage": shown_url(settings.storage_url), "work_queue": settings.study_name,
         })
     logger.info("MLflow: %s, experiment %r, parent run %s", settings.tracking_uri, config.name, settings.parent_id)
     logger.info("work queue: study %r in %s", settings.study_name, shown_url(settings.storage_url))

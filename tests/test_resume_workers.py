@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from experiments.coordination import check_storage_url
+from experiments.coordination import check_storage_url, shown_url
 from experiments.runner import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +99,38 @@ def test_unreachable_database_server_fails_before_work(workspace, corpus, capsys
     assert "cannot connect to the Optuna storage 'postgresql://user:***@127.0.0.1:1/n4'" in error
     assert "password" not in error
     assert not (workspace / "results").exists()
+
+
+def test_storage_under_a_file_fails_before_work(workspace, corpus, capsys):
+    url = f"sqlite:///{ROOT / 'README.md'}/optuna.db"
+    assert main(arguments(workspace, corpus, "bad", "--storage", url)) == 2
+    assert f"{ROOT / 'README.md'} is a file" in capsys.readouterr().err
+    assert not (workspace / "results").exists()
+
+
+def test_other_storage_does_not_retrain_finished_runs(workspace, corpus, capsys):
+    assert main(arguments(workspace, corpus, "kept", *CELL)) == 0
+    out = workspace / "results" / "kept"
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    # A storage without this config's queue would train every run again over the finished ones.
+    other = f"sqlite:///{workspace / 'elsewhere' / 'optuna.db'}"
+    assert main(arguments(workspace, corpus, "kept", *CELL, "--storage", other)) == 2
+    error = capsys.readouterr().err
+    assert f"{out} holds runs of this config whose work queue" in error
+    assert f"sqlite:///{workspace / 'results' / 'optuna.db'}" in error
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+    # The storage that holds the queue still continues the ablation: nothing to train.
+    assert main(arguments(workspace, corpus, "kept", *CELL)) == 0
+    assert (out / "summary.csv").read_bytes() == before[out / "summary.csv"]
+
+
+def test_password_hidden_in_messages():
+    assert shown_url("postgresql://alice:s3cret@db:5432/n4?password=other&sslmode=require") == (
+        "postgresql://alice:***@db:5432/n4?password=***&sslmode=require"
+    )
+    assert shown_url("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
 
 
 def test_sqlite_storage_in_missing_folder_warns(tmp_path, caplog):
