@@ -103,7 +103,15 @@ def variants_of(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def varying_axes(variants: pd.DataFrame) -> list[str]:
-    return [axis for axis in AXES if variants[axis].nunique() > 1]
+    """Return the axes whose value changes between variants.
+
+    The position is left out when the attention decides it (position "auto": each attention
+    always with the same encoding), since it was then never varied on its own.
+    """
+    varying = [axis for axis in AXES if variants[axis].nunique() > 1]
+    if "attention" in varying and "position" in varying and variants.groupby("attention")["position"].nunique().max() == 1:
+        varying.remove("position")
+    return varying
 
 
 def ablation_kind(variants: pd.DataFrame) -> str:
@@ -574,11 +582,6 @@ def seed_statistics(summary: pd.DataFrame, confidence: float = CONFIDENCE) -> pd
     return pd.DataFrame(rows, columns=SEED_STATISTICS_COLUMNS)
 
 
-def _seed_variant_name(row: pd.Series, baseline: pd.Series | None) -> str:
-    """Return ``axis=value`` for a variant that changes one factor of the baseline, else the full label."""
-    if row["is_baseline"]:
-        return f"{row['label']} (baseline)"
-    return changed_name(row, baseline) if changed_axis(row, baseline) else row["label"]
 
 
 def _number(value: float, template: str) -> str:
@@ -592,8 +595,8 @@ def seed_statistics_markdown(table: pd.DataFrame, confidence: float = CONFIDENCE
         "variant", "seeds finished", f"val loss ± {percent} CI", "std", f"{percent} CI",
         f"Δ vs baseline ± {percent} CI", "pairs",
     ]
-    baseline_rows = table[table["is_baseline"].astype(bool)]
-    baseline = baseline_rows.iloc[0] if not baseline_rows.empty else None
+    # The names of the final-results table, so that both tables of one ablation read alike.
+    names = variant_names(table.assign(is_baseline=table["is_baseline"].astype(bool)))
 
     lines = ["| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
     for _, row in table.iterrows():
@@ -605,7 +608,7 @@ def seed_statistics_markdown(table: pd.DataFrame, confidence: float = CONFIDENCE
         if not pd.isna(row["delta_vs_baseline"]) and not pd.isna(row["delta_ci_half_width"]):
             delta += f" ± {row['delta_ci_half_width']:.4f}"
         cells = [
-            _seed_variant_name(row, baseline).replace("|", "\\|"),
+            names[row["label"]].replace("|", "\\|"),
             f"{row['n_finished']}/{row['n_seeds']}",
             mean,
             _number(row["std_val_loss"], "{:.4f}"),

@@ -19,7 +19,8 @@ from analysis.figures import curve_points
 from analysis.report import main, write_report
 from analysis.runs import load_history, load_runs
 from analysis.tables import (
-    SEED_STATISTICS_COLUMNS, ablation_kind, seed_statistics, variant_names, variant_table, write_seed_statistics,
+    SEED_STATISTICS_COLUMNS, ablation_kind, seed_statistics, variant_names, variant_table, varying_axes,
+    write_seed_statistics,
 )
 from experiments.tracking import ABLATION_TAG, CONFIG_TAG, PARENT_TAG, RUN_KEY_TAG
 
@@ -647,20 +648,21 @@ def test_seed_stats_markdown_cells(tmp_path):
     _, markdown_path = write_seed_statistics(_summary(), tmp_path)
     text = markdown_path.read_text()
     rows = _markdown_rows(text)
+    # MHA with and without RoPE make this a grid, so the names are those of a grid.
     assert list(rows) == [
-        f"{BASELINE_LABEL} (baseline)", "attention=mha", "mlp=swiglu", "norm=layernorm", "norm=rmsnorm",
-        "attention=mha position=rope",
+        "n4 + asgg + dyt + none (baseline)", "mha + asgg + dyt + none", "n4 + swiglu + dyt + none",
+        "n4 + asgg + layernorm + none", "n4 + asgg + rmsnorm + none", "mha + asgg + dyt + rope",
     ]
 
     mean, std, half_width = _textbook(list(FINISHED_LOSSES[SEED_LABELS[1]].values()))
     delta, _, delta_half_width = _textbook(_differences(SEED_LABELS[1]))
-    assert rows["attention=mha"] == [
+    assert rows["mha + asgg + dyt + none"] == [
         "3/3", f"{mean:.4f} ± {half_width:.4f}", f"{std:.4f}",
         f"[{mean - half_width:.4f}, {mean + half_width:.4f}]", f"{delta:+.4f} ± {delta_half_width:.4f}", "3",
     ]
-    assert rows[f"{BASELINE_LABEL} (baseline)"] == ["3/3", "3.1000 ± 0.2484", "0.1000", "[2.8516, 3.3484]", "—", "0"]
-    assert rows["norm=layernorm"] == ["1/1", "3.4000", "—", "—", "+0.2000", "1"]
-    assert rows["norm=rmsnorm"] == ["0/3", "—", "—", "—", "—", "0"]
+    assert rows["n4 + asgg + dyt + none (baseline)"] == ["3/3", "3.1000 ± 0.2484", "0.1000", "[2.8516, 3.3484]", "—", "0"]
+    assert rows["n4 + asgg + layernorm + none"] == ["1/1", "3.4000", "—", "—", "+0.2000", "1"]
+    assert rows["n4 + asgg + rmsnorm + none"] == ["0/3", "—", "—", "—", "—", "0"]
     assert "95% two-sided t-interval" in text
     assert "sample standard deviation (ddof=1)" in text
 
@@ -681,6 +683,18 @@ def test_attention_with_its_own_position_is_one_factor():
     assert list(variant_names(variants).values()) == [
         "baseline (n4, asgg, dyt, none)", "attention=mha position=rope", "mlp=swiglu", "norm=rmsnorm",
     ]
+
+
+def test_position_decided_by_attention_not_a_grid_axis():
+    variants = _variants({"mlp": "swiglu"}, {"attention": "mha", "position": "rope"},
+                         {"attention": "mha", "mlp": "swiglu", "position": "rope"})
+    assert ablation_kind(variants) == "grid"
+    assert varying_axes(variants) == ["attention", "mlp"]
+    assert list(variant_names(variants).values()) == [
+        "n4 + asgg (baseline)", "n4 + swiglu", "mha + asgg", "mha + swiglu",
+    ]
+    crossed = _variants({"position": "rope"}, {"attention": "mha"}, {"attention": "mha", "position": "rope"})
+    assert varying_axes(crossed) == ["attention", "position"]
 
 
 def test_attention_crossed_with_position_is_grid():
