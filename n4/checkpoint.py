@@ -203,8 +203,8 @@ def _write_atomically(path: Path, write: Any) -> None:
     os.close(handle)
     try:
         write(temporary)
-        # mkstemp creates the file readable by its owner only; give it the mode the umask allows,
-        # so that others sharing the results folder can read the checkpoint.
+        # mkstemp creates the file readable by its owner only. Others who share the results
+        # folder must read the checkpoint too, so it gets the mode that the umask allows.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)

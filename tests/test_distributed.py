@@ -86,8 +86,8 @@ def launch_ranks(out_dir: Path, *options: str, timeout: float = 120) -> list[dic
             [sys.executable, str(SCRIPT), str(out_dir), *options],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         )
-        # NOTE: about one launch in 30 on a 2-core machine ends with both gloo ranks aborting
-        # ("terminate called without an active exception", SIGABRT) before any Python error; the
+        # NOTE: on a 2-core machine about one launch in 30 ends with both gloo ranks aborting
+        # ("terminate called without an active exception", SIGABRT) and no Python error. The
         # cause is not known. Such a launch is retried once; any other failure fails the test.
         if completed.returncode == 0 or "terminate called without an active exception" not in completed.stderr:
             break
