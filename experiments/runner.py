@@ -227,7 +227,7 @@ def run_ablation(
 
     try:
         if workers == 1:
-            Worker(settings, context).run()
+            Worker(settings, context, data).run()
         else:
             _run_worker_processes(settings, workers)
     except KeyboardInterrupt:
@@ -241,9 +241,9 @@ def run_ablation(
 
 
 def _check_queue_is_reachable(results: ResultsDir, storage_url: str, study_name: str) -> None:
-    """Raise ValueError when ``results`` holds runs of this config whose work queue ``storage_url`` lacks.
+    """Raise ValueError when ``results`` contains runs of this config but ``storage_url`` lacks their work queue.
 
-    The queue records which runs finished. Without it every run would train again and overwrite
+    The queue records which runs finished. Without it, every run would train again and overwrite
     the files of the finished ones, as after a changed --storage or a deleted optuna.db.
     """
     state = results.state()
@@ -252,9 +252,9 @@ def _check_queue_is_reachable(results: ResultsDir, storage_url: str, study_name:
     if study_exists(storage_url, study_name):
         return
     raise ValueError(
-        f"{results.path} holds runs of this config whose work queue {study_name!r} was kept in "
-        f"{state.get('optuna_storage')}, and {shown_url(storage_url)} has no such queue. Rerun with that "
-        f"storage (--storage or $N4_OPTUNA_STORAGE) to continue them, or use another --name, or move "
+        f"work queue {study_name!r} not found in {shown_url(storage_url)}, but {results.path} contains "
+        f"runs of this config recorded in the queue in {state.get('optuna_storage')}. Rerun with that "
+        f"storage (--storage or $N4_OPTUNA_STORAGE) to continue them, use another --name, or move "
         f"{results.path} away to start again"
     )
 
@@ -320,7 +320,7 @@ def _run_worker_processes(settings: WorkerSettings, workers: int) -> None:
 
 
 def _finish(results: ResultsDir, queue: WorkQueue, units: list[dict[str, Any]]) -> pd.DataFrame:
-    """Write summary.csv from the queue, which holds the runs of every worker, and return it."""
+    """Write summary.csv from the queue, which contains the runs of every worker, and return it."""
     summary = write_summary_from_queue(queue, units, results.summary_path)
     unfinished = queue.unfinished()
     if unfinished:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from experiments import distributed
 from experiments.config import AblationConfig
-from experiments.coordination import ALL_UNITS, Unit, WorkQueue, file_lock
+from experiments.coordination import ALL_UNITS, GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, Unit, WorkQueue, file_lock
 from experiments.data import PreparedData, TrainBatches, prepare_data, val_windows
 from experiments.plan import RunSpec, build_plan
 from experiments.tracking import ABLATION_TAG, RUN_KEY_TAG, AblationTracker
@@ -139,19 +139,21 @@ class WorkerSettings:
     results_path: str
     show_progress: bool
     threads: int | None = None  # torch threads per worker; None keeps the default
-    heartbeat_interval: int = 30
-    grace_period: int = 120
+    heartbeat_interval: int = HEARTBEAT_INTERVAL_S
+    grace_period: int = GRACE_PERIOD_S
 
 
 class Worker:
     """Runs claimed units: tuning a variant's learning rate, or training one run."""
 
-    def __init__(self, settings: WorkerSettings, context: distributed.DistributedContext) -> None:
+    def __init__(self, settings: WorkerSettings, context: distributed.DistributedContext,
+                 data: PreparedData | None = None) -> None:
         self.settings = settings
         self.config = settings.config
         self.context = context
         self.results_path = Path(settings.results_path)
-        self.data = prepare_data(self.config.data)
+        # A worker in the runner's own process reuses its data; a new process loads it from the cache.
+        self.data = data if data is not None else prepare_data(self.config.data)
         self.plan = build_plan(self.config, settings.grid, self.data.vocab_size)
         self.specs = {train_unit_key(spec): spec for spec in self.plan}
         self.variants = {tune_unit_key(spec): spec for spec in self.plan if spec.seed == self.config.seeds[0]}
@@ -357,9 +359,9 @@ def update_summary(path: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
     with file_lock(path):
         summary = read_summary(path)
         keys = {row["run_key"] for row in rows}
-        kept = summary[~summary["run_key"].isin(keys)]
+        unchanged = summary[~summary["run_key"].isin(keys)]
         new = summary_frame(rows)
-        summary = new if kept.empty else pd.concat([kept, new], ignore_index=True)
+        summary = new if unchanged.empty else pd.concat([unchanged, new], ignore_index=True)
         write_atomic(path, summary.to_csv(index=False))
     return summary
 
