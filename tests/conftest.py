@@ -20,3 +20,12 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "plays.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A temporary folder for results and caches, with no tracking or storage URL from the environment."""
+    monkeypatch.setenv("N4_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("N4_OPTUNA_STORAGE", raising=False)
+    return tmp_path

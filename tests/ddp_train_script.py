@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from test_train import VOCAB, FixedBatches, tiny_model_config, tiny_train_config
-from torch.distributed.run import main as torchrun_main
+from torchrun_loopback import main as run_on_loopback
 
 from experiments import distributed
 from experiments.train import IGNORE_INDEX, train_run
@@ -106,34 +104,8 @@ def run_rank(out_dir: Path, compile_model: bool) -> None:
 
 
 def launch(script_args: list[str]) -> None:
-    """Run this script on WORLD_SIZE ranks through torch.distributed.run on a loopback-only store.
-
-    torchrun runs in this process, and its static rendezvous opens a multi-tenant TCPStore server
-    on master_port. A TCPStore server that creates its own socket binds it to every interface
-    (LibUVStoreDaemon::tryListen in torch/csrc/distributed/c10d/TCPStoreLibUvBackend.cpp). A
-    multi-tenant server already running in the process on that port is reused instead, so this
-    function first opens one on a socket bound to 127.0.0.1.
-    """
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    # The store takes over the socket and closes it.
-    store = dist.TCPStore(
-        "127.0.0.1", port, is_master=True, multi_tenant=True, master_listen_fd=listener.detach(), wait_for_workers=False
-    )
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the ranks' gloo connections listen on loopback only
-    try:
-        torchrun_main([
-            "--nproc_per_node", str(WORLD_SIZE),
-            "--master_addr", "127.0.0.1",
-            "--master_port", str(port),
-            __file__,
-            *script_args,
-        ])
-    finally:
-        del store
-
+    """Run this script on WORLD_SIZE ranks, with every server bound to 127.0.0.1 (see torchrun_loopback)."""
+    run_on_loopback([str(WORLD_SIZE), __file__, *script_args])
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -9,14 +9,6 @@ from mlflow.tracking import MlflowClient
 from experiments.runner import SUMMARY_COLUMNS, main
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    monkeypatch.setenv("N4_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("N4_OPTUNA_STORAGE", raising=False)
-    return tmp_path
-
-
 def run(workspace, corpus, *extra):
     return main([
         "--preset", "smoke", "--quiet", "--name", "smoke",

@@ -28,14 +28,6 @@ CELL = ["axes.attention=[n4]", "axes.mlp=[asgg]", "axes.norm=[dyt]"]
 LONG_RUN = ["train.steps=60", "train.eval_interval=5", "train.checkpoint_interval=5"]
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    monkeypatch.setenv("N4_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("N4_OPTUNA_STORAGE", raising=False)
-    return tmp_path
-
-
 def arguments(workspace, corpus, name, *extra):
     return ["--preset", "smoke", "--quiet", "--name", name, f"data.source={corpus}", f"results_dir={workspace / 'results'}", *extra]
 
@@ -81,7 +73,7 @@ def test_bad_scale_options_fail_before_work(workspace, corpus, capsys, options, 
     assert not (workspace / "cache").exists()
 
 
-def test_storage_without_its_driver_fails_before_work(workspace, corpus, capsys):
+def test_storage_without_driver_rejected(workspace, corpus, capsys):
     if importlib.util.find_spec("pg8000") is not None:
         pytest.skip("pg8000 is installed, so this URL has its driver")
     url = "postgresql+pg8000://user:password@127.0.0.1:1/n4"
@@ -91,7 +83,7 @@ def test_storage_without_its_driver_fails_before_work(workspace, corpus, capsys)
     assert not (workspace / "results").exists()
 
 
-def test_unreachable_database_server_fails_before_work(workspace, corpus, capsys):
+def test_unreachable_storage_server_rejected(workspace, corpus, capsys):
     pytest.importorskip("psycopg", reason="needs the PostgreSQL driver: pip install -e '.[postgres]'")
     url = "postgresql://user:password@127.0.0.1:1/n4"  # port 1: nothing listens there
     assert main(arguments(workspace, corpus, "bad", "--storage", url)) == 2
@@ -101,14 +93,14 @@ def test_unreachable_database_server_fails_before_work(workspace, corpus, capsys
     assert not (workspace / "results").exists()
 
 
-def test_storage_under_a_file_fails_before_work(workspace, corpus, capsys):
+def test_storage_under_file_rejected(workspace, corpus, capsys):
     url = f"sqlite:///{ROOT / 'README.md'}/optuna.db"
     assert main(arguments(workspace, corpus, "bad", "--storage", url)) == 2
     assert f"{ROOT / 'README.md'} is a file" in capsys.readouterr().err
     assert not (workspace / "results").exists()
 
 
-def test_other_storage_does_not_retrain_finished_runs(workspace, corpus, capsys):
+def test_other_storage_rejected_after_runs(workspace, corpus, capsys):
     assert main(arguments(workspace, corpus, "kept", *CELL)) == 0
     out = workspace / "results" / "kept"
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
@@ -117,11 +109,11 @@ def test_other_storage_does_not_retrain_finished_runs(workspace, corpus, capsys)
     other = f"sqlite:///{workspace / 'elsewhere' / 'optuna.db'}"
     assert main(arguments(workspace, corpus, "kept", *CELL, "--storage", other)) == 2
     error = capsys.readouterr().err
-    assert f"{out} holds runs of this config whose work queue" in error
+    assert f"but {out} contains runs of this config recorded in the queue in" in error
     assert f"sqlite:///{workspace / 'results' / 'optuna.db'}" in error
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
-    # The storage that holds the queue still continues the ablation: nothing to train.
+    # The storage that contains the queue still continues the ablation, with nothing to train.
     assert main(arguments(workspace, corpus, "kept", *CELL)) == 0
     assert (out / "summary.csv").read_bytes() == before[out / "summary.csv"]
 
