@@ -115,7 +115,7 @@ def load_runs(tracking_uri: str | None = None, experiment_name: str = "default",
 
     Failed and killed runs are included. Learning-rate tuning and trial runs (tagged ``n4.kind``)
     are left out. The runner retries a run that did not finish under the same ``n4.run_key`` tag,
-    so an older attempt of a key that has a later attempt is marked ``superseded``; figures and
+    so an older attempt of a key that has a later attempt is marked ``superseded``. Figures and
     tables leave superseded rows out.
     """
     client, uri = _client(tracking_uri)

@@ -77,7 +77,7 @@ class TrainConfig:
     peak_flops: float | None = None  # FLOP/s for model FLOPs utilisation; None measures a matmul peak once per process
     checkpoint_interval: int | None = None  # steps between resume states of an unfinished run; None: eval_interval
 
-    # Settings that change how fast a run goes or how often it saves, not what it computes; they
+    # Settings that change how fast a run goes or how often it saves, not what it computes. They
     # are left out of run keys and config fingerprints.
     NOT_IN_KEYS = ("threads", "checkpoint_interval")
 

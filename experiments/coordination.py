@@ -112,7 +112,7 @@ def shown_url(url: str) -> str:
 
 
 def study_exists(url: str, study_name: str) -> bool:
-    """Return True when the storage at ``url`` holds a study named ``study_name``."""
+    """Return True when the storage at ``url`` contains a study named ``study_name``."""
     path = sqlite_path(url)
     if path is not None and not os.path.exists(path):
         return False
@@ -277,13 +277,13 @@ class WorkQueue:
 
     def take_over_dead_units(self) -> int:
         """Mark RUNNING units of dead workers FAIL and enqueue each again; return how many."""
-        taken = 0
+        taken_over = 0
         with store_lock(self.url):
             stale = set(self.storage._get_stale_trial_ids(self._study_id))  # noqa: SLF001 - Optuna's heartbeat check
             for trial in self.trials((TrialState.RUNNING,)):
                 if trial._trial_id in stale or _owner_is_dead(trial.user_attrs.get(OWNER)):
-                    taken += self._requeue(trial, "its worker stopped sending heartbeats or exited")
-        return taken
+                    taken_over += self._requeue(trial, "its worker stopped sending heartbeats or exited")
+        return taken_over
 
     def _requeue(self, trial: FrozenTrial, reason: str) -> int:
         """Fail ``trial`` and enqueue a copy; return 1, or 0 if another process did it first."""

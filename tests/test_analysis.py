@@ -676,7 +676,7 @@ def _variants(*changes: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_attention_with_its_own_position_is_one_factor():
+def test_attention_with_position_one_factor():
     # The default ablation: position "auto" gives MHA RoPE, so MHA differs in two axes but one factor.
     variants = _variants({"attention": "mha", "position": "rope"}, {"mlp": "swiglu"}, {"norm": "rmsnorm"})
     assert ablation_kind(variants) == "one-factor"
@@ -685,7 +685,7 @@ def test_attention_with_its_own_position_is_one_factor():
     ]
 
 
-def test_position_decided_by_attention_not_a_grid_axis():
+def test_position_set_by_attention_dropped():
     variants = _variants({"mlp": "swiglu"}, {"attention": "mha", "position": "rope"},
                          {"attention": "mha", "mlp": "swiglu", "position": "rope"})
     assert ablation_kind(variants) == "grid"

@@ -166,7 +166,7 @@ def test_tokenizer_and_extra_are_saved(tmp_path, tokenizer_path):
     assert metadata["model_class"] == "CausalLM"
 
 
-def test_files_get_the_mode_the_umask_allows(tmp_path, tokenizer_path):
+def test_files_get_umask_mode(tmp_path, tokenizer_path):
     previous = os.umask(0o022)
     try:
         save_checkpoint(make_model(vocab_size=300), tmp_path, tokenizer_path=tokenizer_path)

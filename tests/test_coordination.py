@@ -39,7 +39,7 @@ def keys(trials) -> list[str]:
     return sorted(trial.user_attrs[UNIT_KEY] for trial in trials)
 
 
-def test_units_claimed_in_plan_order_then_none(url):
+def test_claims_follow_plan_order(url):
     queue = new_queue(url, units(3))
     claimed = []
     while (unit := queue.claim(poll_s=0.01)) is not None:
@@ -56,7 +56,7 @@ def test_second_create_does_not_enqueue_again(url):
     assert len(second.trials()) == 3
 
 
-def test_claim_skips_unit_finished_since_listing(url, monkeypatch):
+def test_claim_skips_unit_finished_meanwhile(url, monkeypatch):
     # A worker lists the waiting units; before it claims the first, another worker claims and
     # finishes it. The claim must move on to the next unit instead of failing.
     slow, fast = new_queue(url, units(2)), new_queue(url)
@@ -64,7 +64,13 @@ def test_claim_skips_unit_finished_since_listing(url, monkeypatch):
     unit = fast.claim(poll_s=0.01)
     fast.complete(unit, {})
     listed = slow.trials
-    monkeypatch.setattr(slow, "trials", lambda states=None: stale if states == (TrialState.WAITING,) else listed(states))
+
+    def stale_waiting_list(states=None):
+        if states == (TrialState.WAITING,):
+            return stale
+        return listed(states)
+
+    monkeypatch.setattr(slow, "trials", stale_waiting_list)
     assert slow.claim(poll_s=0.01).key == "train:1"
 
 
@@ -126,10 +132,11 @@ def test_unit_of_exited_process_taken_over(url):
     failed = other.trials((TrialState.FAIL,))
     assert keys(failed) == [unit.key]
     again = other.claim(poll_s=0.01)
-    assert (again.key, again.attempt) == (unit.key, 2)
+    assert again.key == unit.key
+    assert again.attempt == 2
 
 
-def test_unit_of_live_process_on_another_host_kept(url):
+def test_other_host_unit_kept(url):
     queue = new_queue(url, units(1))
     unit = queue.claim(poll_s=0.01)
     queue.set_attr(unit, OWNER, "some-other-host:1")
@@ -161,7 +168,8 @@ def test_released_unit_claimed_again(url):
     unit = queue.claim(poll_s=0.01)
     queue.release(unit, "interrupted")
     again = queue.claim(poll_s=0.01)
-    assert (again.key, again.attempt) == ("train:0", 2)
+    assert again.key == "train:0"
+    assert again.attempt == 2
     assert queue.storage.get_trial(unit.trial_id).user_attrs["failure_reason"] == "interrupted"
 
 
@@ -173,10 +181,11 @@ def test_lost_unit_enqueued_again_on_join(url):
     assert keys(queue.trials((TrialState.WAITING,))) == ["train:1"]
     new_queue(url)
     assert keys(queue.trials((TrialState.WAITING,))) == ["train:0", "train:1"]
-    assert [t.user_attrs[ATTEMPT] for t in queue.trials((TrialState.WAITING,)) if t.user_attrs[UNIT_KEY] == "train:0"] == [2]
+    retried = [trial for trial in queue.trials((TrialState.WAITING,)) if trial.user_attrs[UNIT_KEY] == "train:0"]
+    assert [trial.user_attrs[ATTEMPT] for trial in retried] == [2]
 
 
-def test_retry_failed_runs_enqueues_failed_runs_and_report(url):
+def test_retry_enqueues_failed_and_report(url):
     queue = new_queue(url, units(2, report=True))
     for status in ("failed", "finished"):
         queue.complete(queue.claim(poll_s=0.01), {"status": status})

@@ -202,7 +202,7 @@ def test_best_lr_inside_range_not_flagged(enqueued):
     assert "best_lr_at_edge" not in tuning.data.tags
 
 
-def test_best_lr_at_top_of_range_flagged(stores, caplog):
+def test_best_lr_at_top_flagged(stores, caplog):
     setup = make_setup(stores, "edge", trials=1, lr_max=1.2e-2)
     create_study(setup).enqueue_trial({"lr": GOOD_LR})
     result = run_tuning(setup)
