@@ -438,19 +438,26 @@ def plot_heatmap(
         for j, column_value in enumerate(column_values):
             grid[i, j] = means.get((row_value, column_value), np.nan)
 
-    averaged = [a for a in AXES if a not in axes and variants[a].nunique() > 1]
-    if runs.groupby("label")["seed"].nunique().max() > 1:
-        averaged.append("seeds")
-    title = "final validation loss (nats/token)"
-    if averaged:
-        title += "\nmean over " + (", ".join(averaged[:-1]) + " and " + averaged[-1] if len(averaged) > 1 else averaged[0])
-
+    title = heatmap_title(runs, variants, axes)
     paths = []
     for suffix, width in WIDTHS.items():
         with paper_style():
             figure = _heatmap_figure(grid, unfinished, row_values, column_values, axes, title, width)
             paths += save_figure(figure, out_dir, stem + suffix)
     return paths
+
+
+def heatmap_title(runs: pd.DataFrame, variants: pd.DataFrame, axes: tuple[str, str]) -> str:
+    """Return the heatmap's title, naming the varying axes and the seeds that each cell averages."""
+    averaged = [axis for axis in varying_axes(variants) if axis not in axes]
+    if runs.groupby("label")["seed"].nunique().max() > 1:
+        averaged.append("seeds")
+    title = "final validation loss (nats/token)"
+    if len(averaged) > 1:
+        title += "\nmean over " + ", ".join(averaged[:-1]) + " and " + averaged[-1]
+    elif averaged:
+        title += "\nmean over " + averaged[0]
+    return title
 
 
 def _heatmap_figure(grid, unfinished, row_values, column_values, axes, title, width):

@@ -15,7 +15,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from analysis.figures import curve_points
+from analysis.figures import curve_points, heatmap_title
 from analysis.report import main, write_report
 from analysis.runs import load_history, load_runs
 from analysis.tables import (
@@ -695,6 +695,16 @@ def test_position_set_by_attention_dropped():
     ]
     crossed = _variants({"position": "rope"}, {"attention": "mha"}, {"attention": "mha", "position": "rope"})
     assert varying_axes(crossed) == ["attention", "position"]
+
+
+def test_heatmap_title_names_averaged_axes():
+    # Position "auto" follows the attention, so the cells average the norms and seeds only.
+    variants = _variants({"attention": "mha", "position": "rope"}, {"norm": "rmsnorm"},
+                         {"attention": "mha", "norm": "rmsnorm", "position": "rope"})
+    runs = pd.concat([variants.assign(seed=0), variants.assign(seed=1)])
+    title = heatmap_title(runs, variants, ("attention", "mlp"))
+    assert title == "final validation loss (nats/token)\nmean over norm and seeds"
+    assert heatmap_title(variants.assign(seed=0), variants, ("attention", "norm")) == "final validation loss (nats/token)"
 
 
 def test_attention_crossed_with_position_is_grid():
